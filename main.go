@@ -4,13 +4,15 @@
 // POSTs; what the browser sends back is POSTed to the backend's hook URL.
 //
 // This file reads top to bottom: flags and config, the hub and its channels,
-// a subscriber's life, hook delivery, HTTP handlers, main. README.md has the API.
+// channels on disk, a subscriber's life, hook delivery, HTTP handlers, main.
+// README.md has the API.
 package main
 
 import (
 	"bytes"
 	"cmp"
 	"context"
+	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
@@ -19,12 +21,14 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -54,15 +58,10 @@ const (
 	// hookQueueLimit is how many frames from one subscriber may wait for the
 	// hook; more are dropped (and counted) rather than held without bound.
 	hookQueueLimit = 256
-	// maxBodyBytes bounds the JSON body of prepare and edit: a hook URL and a
-	// tag never need more.
-	maxBodyBytes = 64 << 10
-	// maxMessageBytes bounds a published message and a frame from a subscriber.
-	maxMessageBytes = 1 << 20
-	// readHeaderTimeout stops clients that open a connection and never finish
-	// their request headers (slowloris).
-	readHeaderTimeout = 10 * time.Second
-	// shutdownTimeout bounds a graceful shutdown.
+	// journalLimit is how many changes the state journal holds before the
+	// snapshot is rewritten and the journal emptied.
+	journalLimit = 4096
+	// shutdownTimeout bounds a graceful shutdown, hook deliveries included.
 	shutdownTimeout = 10 * time.Second
 )
 
@@ -71,7 +70,26 @@ type config struct {
 	hostName     string
 	logLevel     int
 	pingInterval time.Duration
-	hook         hookPolicy
+
+	maxMessageBytes   int64 // a published body, a message from a subscriber
+	maxRequestBytes   int64 // the JSON body of prepare and edit
+	maxHeaderBytes    int
+	readHeaderTimeout time.Duration
+	readTimeout       time.Duration
+	writeTimeout      time.Duration
+	idleTimeout       time.Duration
+
+	hook       hookPolicy
+	hookSecret string
+
+	stateFile  string
+	backlog    int           // messages kept per channel while nobody listens
+	backlogTTL time.Duration // how long they are kept
+	channelTTL time.Duration // idle channels are deleted after this; 0 never
+
+	// Settings no flag reaches, for tests.
+	sendQueue   int                          // sendQueueLimit
+	writeSynced func(*os.File, []byte) error // how the state store writes a file
 }
 
 // hookPolicy is how hard we try to deliver to a hook.
@@ -85,8 +103,6 @@ type hookPolicy struct {
 	backoffMin, backoffMax time.Duration
 }
 
-var defaultHookPolicy = hookPolicy{timeout: 5 * time.Second, attempts: 5, backoffMin: 250 * time.Millisecond, backoffMax: 4 * time.Second}
-
 // usageError is a bad command line: main exits with status 2 for it.
 type usageError struct{ err error }
 
@@ -96,7 +112,11 @@ func (e usageError) Unwrap() error { return e.err }
 // parseConfig reads the command line. For -h it prints every flag to stdout
 // and returns flag.ErrHelp.
 func parseConfig(args []string, stdout io.Writer) (config, error) {
-	cfg := config{hook: defaultHookPolicy}
+	cfg := config{
+		hook:        hookPolicy{attempts: 5, backoffMin: 250 * time.Millisecond, backoffMax: 4 * time.Second},
+		sendQueue:   sendQueueLimit,
+		writeSynced: writeSynced,
+	}
 	var pingSeconds int
 	fs := flag.NewFlagSet("gockets", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
@@ -104,6 +124,19 @@ func parseConfig(args []string, stdout io.Writer) (config, error) {
 	fs.StringVar(&cfg.hostName, "host-name", "localhost", "admin routes answer only requests whose Host is this name (any port)")
 	fs.IntVar(&cfg.logLevel, "log-level", 1, "1 info and error, 2 error only, 3 everything with debug")
 	fs.IntVar(&pingSeconds, "ping-interval", 60, "seconds between pings, and the time allowed for the pong (1-86400)")
+	fs.Int64Var(&cfg.maxMessageBytes, "max-message-bytes", 1<<20, "largest message either way: a publish body (413 above), a subscriber message (closed with 1009 above)")
+	fs.Int64Var(&cfg.maxRequestBytes, "max-request-bytes", 64<<10, "largest body of prepare and edit (413 above)")
+	fs.IntVar(&cfg.maxHeaderBytes, "max-header-bytes", 32<<10, "largest request header (431 above)")
+	fs.DurationVar(&cfg.readHeaderTimeout, "read-header-timeout", 10*time.Second, "time a client has to send its request headers (stops slowloris)")
+	fs.DurationVar(&cfg.readTimeout, "read-timeout", 30*time.Second, "time a client has to send a whole request, body included (not WebSockets)")
+	fs.DurationVar(&cfg.writeTimeout, "write-timeout", 30*time.Second, "time to write a reply (not WebSockets)")
+	fs.DurationVar(&cfg.idleTimeout, "idle-timeout", 2*time.Minute, "how long an idle keep-alive connection stays open")
+	fs.DurationVar(&cfg.hook.timeout, "hook-timeout", 5*time.Second, "time a hook has to answer one POST")
+	fs.StringVar(&cfg.hookSecret, "hook-secret", "", "sign every hook request with HMAC-SHA256 under this secret (see README)")
+	fs.StringVar(&cfg.stateFile, "state-file", "", "keep the channels in this file so that they survive restarts (default: in memory only)")
+	fs.IntVar(&cfg.backlog, "backlog", 100, "messages kept per channel while it has no subscriber, for the next one (0-1000)")
+	fs.DurationVar(&cfg.backlogTTL, "backlog-ttl", time.Minute, "how long a kept message waits for a subscriber")
+	fs.DurationVar(&cfg.channelTTL, "channel-ttl", 0, "delete a channel after this long without subscriber or publish (0: never)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: gockets [flags]\n\nFlags:\n")
 		fs.PrintDefaults()
@@ -119,18 +152,39 @@ func parseConfig(args []string, stdout io.Writer) (config, error) {
 	if fs.NArg() > 0 {
 		return cfg, usageError{fmt.Errorf("unexpected argument %q: every setting is a flag", fs.Arg(0))}
 	}
-	switch {
-	case cfg.port < 0 || cfg.port > 65535:
-		return cfg, usageError{fmt.Errorf("-port %d is out of range: use 1-65535, or 0 for a free port", cfg.port)}
-	case strings.TrimSpace(cfg.hostName) == "":
+	for _, err := range []error{
+		inRange("port", cfg.port, 0, 65535),
+		inRange("log-level", cfg.logLevel, 1, 3),
+		inRange("ping-interval", pingSeconds, 1, 86400),
+		inRange("max-message-bytes", cfg.maxMessageBytes, 1, 64<<20),
+		inRange("max-request-bytes", cfg.maxRequestBytes, 1<<10, 16<<20),
+		inRange("max-header-bytes", cfg.maxHeaderBytes, 1<<10, 1<<20),
+		inRange("read-header-timeout", cfg.readHeaderTimeout, time.Millisecond, time.Hour),
+		inRange("read-timeout", cfg.readTimeout, time.Millisecond, 24*time.Hour),
+		inRange("write-timeout", cfg.writeTimeout, time.Millisecond, 24*time.Hour),
+		inRange("idle-timeout", cfg.idleTimeout, time.Millisecond, 24*time.Hour),
+		inRange("hook-timeout", cfg.hook.timeout, time.Millisecond, 10*time.Minute),
+		inRange("backlog", cfg.backlog, 0, 1000),
+		inRange("backlog-ttl", cfg.backlogTTL, time.Millisecond, 7*24*time.Hour),
+		inRange("channel-ttl", cfg.channelTTL, 0, 365*24*time.Hour),
+	} {
+		if err != nil {
+			return cfg, usageError{err}
+		}
+	}
+	if strings.TrimSpace(cfg.hostName) == "" {
 		return cfg, usageError{errors.New("-host-name must not be empty")}
-	case cfg.logLevel < 1 || cfg.logLevel > 3:
-		return cfg, usageError{fmt.Errorf("-log-level %d is out of range: use 1 (info), 2 (error) or 3 (debug)", cfg.logLevel)}
-	case pingSeconds < 1 || pingSeconds > 86400:
-		return cfg, usageError{fmt.Errorf("-ping-interval %d is out of range: use 1-86400 seconds", pingSeconds)}
 	}
 	cfg.pingInterval = time.Duration(pingSeconds) * time.Second
 	return cfg, nil
+}
+
+// inRange refuses a flag value outside [lo, hi], naming the flag.
+func inRange[T int | int64 | time.Duration](name string, v, lo, hi T) error {
+	if v < lo || v > hi {
+		return fmt.Errorf("-%s %v is out of range: use %v to %v", name, v, lo, hi)
+	}
+	return nil
 }
 
 // newLogger maps -log-level to slog levels: 1 info, 2 error, 3 debug.
@@ -156,18 +210,32 @@ type hub struct {
 	log   *slog.Logger
 	mux   *http.ServeMux
 	hooks *http.Client
+	store *store // nil without -state-file
+	stats stats
 
 	mu           sync.RWMutex
 	byPublisher  map[string]*channel
 	bySubscriber map[string]*channel
 	prepared     uint64 // channels prepared so far, to list them in order
 
+	bootID           string      // tells this run's hook delivery ids from the last one's
 	closing          atomic.Bool // shutdown has begun: no new subscribers
 	lastSubscriberID atomic.Uint64
 	connections      sync.WaitGroup // one per subscriber handler
 	hookWorkers      sync.WaitGroup // one per subscriber with hook deliveries pending
 	hookCtx          context.Context
 	cancelHooks      context.CancelFunc
+	quit             chan struct{}  // closed by stop: the janitor and the store end
+	background       sync.WaitGroup // the janitor and the store
+}
+
+// stats counts what the daemon does, for the logs now and /metrics later.
+type stats struct {
+	published, delivered, queued                atomic.Int64
+	droppedBacklogFull, droppedExpired          atomic.Int64
+	droppedNoSubscriber, slowDisconnects        atomic.Int64
+	hookDelivered, hookRetried, hookFailed      atomic.Int64
+	hookQueueFull, hookNoHook, stateSaveFailure atomic.Int64
 }
 
 // channel is one pub/sub topic with its two tokens.
@@ -181,15 +249,28 @@ type channel struct {
 	hookTarget  string  // where frames are POSTed: hookURL with a scheme
 	tag         *string
 	subscribers []*subscriber // each knows its index here
+	backlog     []kept        // the latest messages, oldest first
+	lastID      uint64        // of the latest message
+	lastActive  time.Time     // last prepare, edit, publish, join or leave
 	deleted     bool
 }
 
-// message is one published body, encoded once and shared by every subscriber.
+// message is one published body, read once and shared by every subscriber.
 type message struct {
+	id   uint64 // increasing per channel
 	data []byte
+	at   time.Time
 }
 
-func newHub(cfg config, log *slog.Logger) *hub {
+// kept is a message in a channel's backlog; delivered once some subscriber
+// has it.
+type kept struct {
+	*message
+	delivered bool
+}
+
+// newHub makes a hub and loads the channels of -state-file.
+func newHub(cfg config, log *slog.Logger) (*hub, error) {
 	h := &hub{
 		cfg:          cfg,
 		log:          log,
@@ -200,35 +281,122 @@ func newHub(cfg config, log *slog.Logger) *hub {
 			// A hook answers; it does not send us elsewhere.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
+		quit:   make(chan struct{}),
+		bootID: rand.Text()[:8],
 	}
 	h.hookCtx, h.cancelHooks = context.WithCancel(context.Background())
 	h.mux = h.routes()
-	return h
+	if cfg.stateFile != "" {
+		st, saved, err := openStore(cfg.stateFile, cfg.writeSynced, log, &h.stats)
+		if err != nil {
+			return nil, err
+		}
+		h.store = st
+		st.snapshot = h.snapshot
+		for _, sc := range saved {
+			h.insert(newChannel(sc.PublisherToken, sc.SubscriberToken, sc.HookURL, sc.Tag))
+		}
+		log.Info("channels loaded", "channels", len(saved), "state_file", cfg.stateFile)
+	}
+	return h, nil
+}
+
+// start runs the janitor and the store until stop.
+func (h *hub) start() {
+	if h.store != nil {
+		h.background.Go(func() { h.store.run(h.quit) })
+	}
+	if tick := h.janitorInterval(); tick > 0 {
+		h.background.Go(func() { h.janitor(tick) })
+	}
+}
+
+// stop ends the janitor and the store; the store writes its last snapshot.
+func (h *hub) stop() {
+	close(h.quit)
+	h.background.Wait()
 }
 
 // newToken returns 130 random bits from crypto/rand in base32: URL-safe and
 // unguessable. The two tokens of a channel are drawn independently.
 func newToken() string { return rand.Text() }
 
-// prepare creates a channel with fresh tokens.
-func (h *hub) prepare(opts channelOptions) *channel {
-	ch := &channel{}
-	opts.applyTo(ch)
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	for {
-		ch.publisherToken, ch.subscriberToken = newToken(), newToken()
-		_, taken := h.byPublisher[ch.publisherToken]
-		_, taken2 := h.bySubscriber[ch.subscriberToken]
-		if !taken && !taken2 {
-			break
-		}
+func newChannel(publisherToken, subscriberToken string, hookURL, tag *string) *channel {
+	now := time.Now()
+	ch := &channel{publisherToken: publisherToken, subscriberToken: subscriberToken, tag: tag, lastActive: now}
+	if hookURL != nil {
+		ch.hookURL = hookURL
+		ch.hookTarget, _ = hookTarget(*hookURL) // checked when it was set
 	}
+	// Message ids keep growing across restarts, for SSE's Last-Event-ID.
+	ch.lastID = uint64(now.UnixMicro())
+	return ch
+}
+
+// insert adds a channel; the caller holds h.mu or is alone with the hub.
+func (h *hub) insert(ch *channel) {
 	h.prepared++
 	ch.seq = h.prepared
 	h.byPublisher[ch.publisherToken] = ch
 	h.bySubscriber[ch.subscriberToken] = ch
-	return ch
+}
+
+// prepare creates a channel with fresh tokens. The store position it
+// returns is the change to wait for before answering.
+func (h *hub) prepare(opts channelOptions) (*channel, uint64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var pub, sub string
+	for {
+		pub, sub = newToken(), newToken()
+		if h.byPublisher[pub] == nil && h.bySubscriber[sub] == nil {
+			break
+		}
+	}
+	ch := newChannel(pub, sub, nil, nil)
+	opts.applyTo(ch)
+	h.insert(ch)
+	return ch, h.store.put(ch)
+}
+
+// edit changes a channel's hook URL and tag.
+func (h *hub) edit(ch *channel, opts channelOptions) (uint64, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.byPublisher[ch.publisherToken] != ch {
+		return 0, false
+	}
+	ch.mu.Lock()
+	opts.applyTo(ch)
+	ch.lastActive = time.Now()
+	ch.mu.Unlock()
+	return h.store.put(ch), true
+}
+
+// delete removes a channel and closes its subscribers with 1000. It waits
+// for nothing: each subscriber's writer sends the close frame on its own.
+func (h *hub) delete(ch *channel, bye farewell) (uint64, bool) {
+	h.mu.Lock()
+	if h.byPublisher[ch.publisherToken] != ch {
+		h.mu.Unlock()
+		return 0, false
+	}
+	delete(h.byPublisher, ch.publisherToken)
+	delete(h.bySubscriber, ch.subscriberToken)
+	seq := h.store.remove(ch)
+	ch.mu.Lock()
+	ch.deleted = true
+	subs := ch.subscribers
+	ch.subscribers, ch.backlog = nil, nil
+	for _, s := range subs {
+		s.index = -1
+	}
+	ch.mu.Unlock()
+	h.mu.Unlock()
+	for _, s := range subs {
+		s.stop(bye)
+	}
+	return seq, true
 }
 
 func (h *hub) byPublisherToken(token string) *channel {
@@ -246,11 +414,15 @@ func (h *hub) bySubscriberToken(token string) *channel {
 // all returns every channel, oldest first.
 func (h *hub) all() []*channel {
 	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return h.allLocked()
+}
+
+func (h *hub) allLocked() []*channel {
 	all := make([]*channel, 0, len(h.byPublisher))
 	for _, ch := range h.byPublisher {
 		all = append(all, ch)
 	}
-	h.mu.RUnlock()
 	slices.SortFunc(all, func(a, b *channel) int { return cmp.Compare(a.seq, b.seq) })
 	return all
 }
@@ -267,32 +439,6 @@ func (h *hub) channels(match *regexp.Regexp) []channelJSON {
 	return list
 }
 
-// delete removes a channel and closes its subscribers with 1000. It waits
-// for nothing: each subscriber's writer sends the close frame on its own.
-func (h *hub) delete(ch *channel) bool {
-	h.mu.Lock()
-	if h.byPublisher[ch.publisherToken] != ch {
-		h.mu.Unlock()
-		return false
-	}
-	delete(h.byPublisher, ch.publisherToken)
-	delete(h.bySubscriber, ch.subscriberToken)
-	h.mu.Unlock()
-
-	ch.mu.Lock()
-	ch.deleted = true
-	subs := ch.subscribers
-	ch.subscribers = nil
-	for _, s := range subs {
-		s.index = -1
-	}
-	ch.mu.Unlock()
-	for _, s := range subs {
-		s.stop(farewell{closeNormal, "channel deleted", true})
-	}
-	return true
-}
-
 // closeAll begins shutdown: no subscriber may join, and every connected
 // subscriber is closed with 1001 (going away).
 func (h *hub) closeAll() {
@@ -302,7 +448,7 @@ func (h *hub) closeAll() {
 		subs := slices.Clone(ch.subscribers)
 		ch.mu.Unlock()
 		for _, s := range subs {
-			s.stop(farewell{closeGoingAway, "server shutting down", true})
+			s.stop(farewell{closeGoingAway, "server shutting down", true, false})
 		}
 	}
 }
@@ -325,42 +471,95 @@ func (h *hub) wait(ctx context.Context) error {
 	}
 }
 
-// publish hands one message to every subscriber of the channel and returns
-// how many took it. A subscriber whose queue is full is disconnected, never
-// waited for.
-func (ch *channel) publish(m *message) (int, bool) {
+// publish hands a message to every subscriber of the channel, or keeps it
+// for the next one when there is none. A subscriber whose queue is full is
+// disconnected, never waited for.
+func (h *hub) publish(ch *channel, m *message) (subscribers int, queued, ok bool) {
 	var slow []*subscriber
 	ch.mu.Lock()
 	if ch.deleted {
 		ch.mu.Unlock()
-		return 0, false
+		return 0, false, false
 	}
-	delivered := 0
+	ch.lastID++
+	m.id, ch.lastActive = ch.lastID, m.at
 	for _, s := range ch.subscribers {
 		if s.enqueue(m) {
-			delivered++
+			subscribers++
 		} else {
 			slow = append(slow, s)
 		}
 	}
-	ch.mu.Unlock()
-	for _, s := range slow {
-		s.stop(farewell{closePolicyViolation, "too slow: send queue full", false})
+	if h.cfg.backlog > 0 {
+		queued = subscribers == 0
+		ch.keep(kept{m, !queued}, h.cfg.backlog, &h.stats)
 	}
-	return delivered, true
+	ch.mu.Unlock()
+
+	h.stats.published.Add(1)
+	switch {
+	case queued:
+		h.stats.queued.Add(1)
+	case subscribers == 0:
+		h.stats.droppedNoSubscriber.Add(1)
+	}
+	for _, s := range slow {
+		s.log.Warn("subscriber too slow: disconnected", "queued", h.cfg.sendQueue)
+		h.stats.slowDisconnects.Add(1)
+		s.stop(farewell{closePolicyViolation, "too slow: send queue full", false, true})
+	}
+	return subscribers, queued, true
 }
 
-// join adds a subscriber; false when the channel is gone or we shut down.
-// closing is read under ch.mu, which closeAll takes after setting it, so a
-// subscriber either sees it or is seen by closeAll.
+// keep adds a message to the backlog, dropping the oldest beyond limit.
+// The caller holds ch.mu.
+func (ch *channel) keep(k kept, limit int, st *stats) {
+	if len(ch.backlog) >= limit {
+		if !ch.backlog[0].delivered {
+			st.droppedBacklogFull.Add(1)
+		}
+		ch.backlog[0] = kept{}
+		ch.backlog = ch.backlog[1:]
+	}
+	ch.backlog = append(ch.backlog, k)
+}
+
+// expire drops backlog messages older than ttl. The caller holds ch.mu.
+func (ch *channel) expire(now time.Time, ttl time.Duration, st *stats) {
+	n := 0
+	for n < len(ch.backlog) && now.Sub(ch.backlog[n].at) > ttl {
+		if !ch.backlog[n].delivered {
+			st.droppedExpired.Add(1)
+		}
+		ch.backlog[n] = kept{}
+		n++
+	}
+	ch.backlog = ch.backlog[n:]
+	if len(ch.backlog) == 0 {
+		ch.backlog = nil
+	}
+}
+
+// join adds a subscriber and hands it what waited in the backlog. It fails
+// when the channel is gone or we shut down. closing is read under ch.mu,
+// which closeAll takes after setting it, so a subscriber either sees it or
+// is seen by closeAll.
 func (h *hub) join(ch *channel, s *subscriber) bool {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
 	if h.closing.Load() || ch.deleted {
 		return false
 	}
+	now := time.Now()
+	ch.expire(now, h.cfg.backlogTTL, &h.stats)
+	for i := range ch.backlog {
+		if !ch.backlog[i].delivered && s.enqueue(ch.backlog[i].message) {
+			ch.backlog[i].delivered = true
+		}
+	}
 	s.index = len(ch.subscribers)
 	ch.subscribers = append(ch.subscribers, s)
+	ch.lastActive = now
 	return true
 }
 
@@ -378,6 +577,7 @@ func (ch *channel) leave(s *subscriber) {
 	ch.subscribers[last] = nil
 	ch.subscribers = ch.subscribers[:last]
 	s.index = -1
+	ch.lastActive = time.Now()
 }
 
 // hookDestination is where frames from this channel's subscribers go now.
@@ -385,6 +585,48 @@ func (ch *channel) hookDestination() string {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
 	return ch.hookTarget
+}
+
+// janitorInterval is how often expired backlog and idle channels are
+// looked for: often enough to honour the shortest TTL within a quarter.
+func (h *hub) janitorInterval() time.Duration {
+	ttl := h.cfg.backlogTTL
+	if h.cfg.channelTTL > 0 {
+		ttl = min(ttl, h.cfg.channelTTL)
+	}
+	return min(max(ttl/4, 10*time.Millisecond), time.Minute)
+}
+
+// janitor drops expired backlog messages and deletes idle channels.
+func (h *hub) janitor(tick time.Duration) {
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	for {
+		select {
+		case <-h.quit:
+			return
+		case now := <-t.C:
+			h.sweep(now)
+		}
+	}
+}
+
+func (h *hub) sweep(now time.Time) {
+	for _, ch := range h.all() {
+		ch.mu.Lock()
+		ch.expire(now, h.cfg.backlogTTL, &h.stats)
+		idle := now.Sub(ch.lastActive)
+		expired := h.cfg.channelTTL > 0 && len(ch.subscribers) == 0 && idle > h.cfg.channelTTL
+		ch.mu.Unlock()
+		if !expired {
+			continue
+		}
+		// Nobody waits for this change to reach the disk: the store saves it
+		// with the next one, or at shutdown.
+		if _, ok := h.delete(ch, farewell{closeNormal, "channel expired", true, false}); ok {
+			h.log.Info("channel expired", "channel", fingerprint(ch.subscriberToken), "idle", idle.Round(time.Millisecond))
+		}
+	}
 }
 
 // channelJSON is the channel object of the API.
@@ -423,16 +665,6 @@ func (o channelOptions) applyTo(ch *channel) {
 	if o.setTag {
 		ch.tag = o.tag
 	}
-}
-
-func (ch *channel) edit(opts channelOptions) bool {
-	ch.mu.Lock()
-	defer ch.mu.Unlock()
-	if ch.deleted {
-		return false
-	}
-	opts.applyTo(ch)
-	return true
 }
 
 // parseChannelOptions reads a prepare or edit body. An empty body, {} and []
@@ -534,6 +766,384 @@ func validHost(host string) bool {
 	return host != "" && strings.Trim(host, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_") == ""
 }
 
+// ---- Channels on disk ----
+
+// store keeps the channels in -state-file so that a restart, kill -9
+// included, loses none. The file is a snapshot, rewritten atomically (temp
+// file, fsync, rename); each change since is appended to a journal beside
+// it and fsynced before the change is answered. Changes that arrive
+// together share one fsync, and the snapshot is rewritten only when the
+// journal has grown long, so 10,000 prepares do not write 10,000 files.
+type store struct {
+	path        string // the snapshot; the journal is path + ".journal"
+	log         *slog.Logger
+	stats       *stats
+	writeSynced func(*os.File, []byte) error
+	snapshot    func() snapshot // the hub's channels and the last change they include
+
+	// Owned by the run goroutine.
+	journal  *os.File
+	appended int  // changes in the journal
+	torn     bool // a journal write failed: rewrite the snapshot before appending again
+
+	mu      sync.Mutex
+	pending []record      // changes not yet on disk, in order
+	last    uint64        // the last change handed to the store
+	durable uint64        // every change up to this one is on disk
+	failure error         // why the last write failed; nil once one succeeds
+	failed  uint64        // the changes up to this one were in the failed write
+	written chan struct{} // closed and replaced after every write
+	wake    chan struct{}
+}
+
+// snapshot is the state file.
+type snapshot struct {
+	Version  int             `json:"version"`
+	Seq      uint64          `json:"seq"` // the last change it includes
+	Channels []storedChannel `json:"channels"`
+}
+
+// record is one line of the journal: a channel's new state, or its deletion.
+type record struct {
+	Seq     uint64        `json:"seq"`
+	Delete  bool          `json:"delete,omitempty"`
+	Channel storedChannel `json:"channel"`
+}
+
+type storedChannel struct {
+	PublisherToken  string  `json:"publisher_token"`
+	SubscriberToken string  `json:"subscriber_token"`
+	HookURL         *string `json:"subscriber_message_hook_url"`
+	Tag             *string `json:"tag"`
+}
+
+// openStore loads the channels of path and its journal, and starts a fresh
+// snapshot from them. A missing file is an empty state; one that cannot be
+// read or parsed is an error, never silently an empty state.
+func openStore(path string, writeSynced func(*os.File, []byte) error, log *slog.Logger, st *stats) (*store, []storedChannel, error) {
+	channels, seq, err := loadState(path, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := writeSnapshot(path, snapshot{1, seq, channels}, writeSynced); err != nil {
+		return nil, nil, err
+	}
+	journal, err := os.OpenFile(path+".journal", os.O_WRONLY|os.O_APPEND|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open state journal: %w", err)
+	}
+	return &store{
+		path: path, log: log, stats: st, writeSynced: writeSynced, journal: journal,
+		last: seq, durable: seq, written: make(chan struct{}), wake: make(chan struct{}, 1),
+	}, channels, nil
+}
+
+// loadState reads the snapshot and replays the journal over it.
+func loadState(path string, log *slog.Logger) ([]storedChannel, uint64, error) {
+	var snap snapshot
+	data, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		snap.Version = 1
+	case err != nil:
+		return nil, 0, fmt.Errorf("read state file: %w", err)
+	default:
+		if err := decodeStrict(data, &snap); err != nil {
+			return nil, 0, fmt.Errorf("state file %s is corrupt: %w", path, err)
+		}
+		if snap.Version != 1 {
+			return nil, 0, fmt.Errorf("state file %s has version %d; this daemon reads version 1", path, snap.Version)
+		}
+	}
+	channels, seq := snap.Channels, snap.Seq
+	journal, err := os.ReadFile(path + ".journal")
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, 0, fmt.Errorf("read state journal: %w", err)
+	}
+	for n, line := range bytes.SplitAfter(journal, []byte("\n")) {
+		if len(line) == 0 {
+			continue
+		}
+		if line[len(line)-1] != '\n' { // a write cut short: never acknowledged
+			log.Warn("state journal ends in a partial line; ignoring it", "line", n+1)
+			break
+		}
+		var r record
+		if err := decodeStrict(line, &r); err != nil {
+			return nil, 0, fmt.Errorf("state journal %s.journal is corrupt at line %d: %w", path, n+1, err)
+		}
+		if r.Seq <= seq {
+			continue
+		}
+		seq = r.Seq
+		i := slices.IndexFunc(channels, func(c storedChannel) bool { return c.PublisherToken == r.Channel.PublisherToken })
+		switch {
+		case r.Delete && i >= 0:
+			channels = slices.Delete(channels, i, i+1)
+		case !r.Delete && i >= 0:
+			channels[i] = r.Channel
+		case !r.Delete:
+			channels = append(channels, r.Channel)
+		}
+	}
+	if err := checkChannels(channels); err != nil {
+		return nil, 0, fmt.Errorf("state file %s is corrupt: %w", path, err)
+	}
+	return channels, seq, nil
+}
+
+// checkChannels refuses what the daemon could not have written.
+func checkChannels(channels []storedChannel) error {
+	seen := make(map[string]bool, 2*len(channels))
+	for i, c := range channels {
+		for _, token := range []string{c.PublisherToken, c.SubscriberToken} {
+			if token == "" || seen[token] {
+				return fmt.Errorf("channel %d: empty or repeated token", i+1)
+			}
+			seen[token] = true
+		}
+		if c.HookURL != nil {
+			if _, err := hookTarget(*c.HookURL); err != nil {
+				return fmt.Errorf("channel %d: %w", i+1, err)
+			}
+		}
+	}
+	return nil
+}
+
+func decodeStrict(data []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if dec.More() {
+		return errors.New("data after the JSON value")
+	}
+	return nil
+}
+
+// writeSnapshot replaces path atomically: a reader (or a restart after a
+// crash) sees the old file or the new one, never a mix.
+func writeSnapshot(path string, snap snapshot, writeSynced func(*os.File, []byte) error) error {
+	if snap.Channels == nil {
+		snap.Channels = []storedChannel{}
+	}
+	data, err := json.MarshalIndent(snap, "", " ")
+	if err != nil {
+		return fmt.Errorf("encode state: %w", err)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".tmp*") // mode 0600: tokens are secrets
+	if err != nil {
+		return fmt.Errorf("write state file: %w", err)
+	}
+	defer os.Remove(tmp.Name()) // fails once renamed, as it should
+	if err := writeSynced(tmp, append(data, '\n')); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write state file: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write state file: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("replace state file: %w", err)
+	}
+	return syncDir(filepath.Dir(path))
+}
+
+// writeSynced writes data and waits until it is on disk.
+func writeSynced(f *os.File, data []byte) error {
+	if _, err := f.Write(data); err != nil {
+		return err
+	}
+	return f.Sync()
+}
+
+// syncDir makes a rename in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync state directory: %w", err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync state directory: %w", err)
+	}
+	return nil
+}
+
+// put records a channel's state and remove its deletion; the caller holds
+// h.mu, so that changes reach the store in the order they were made. Both
+// return the position to wait for; on a nil store, 0.
+func (st *store) put(ch *channel) uint64 {
+	if st == nil {
+		return 0
+	}
+	return st.add(record{Channel: ch.stored()})
+}
+
+func (st *store) remove(ch *channel) uint64 {
+	if st == nil {
+		return 0
+	}
+	return st.add(record{Delete: true, Channel: ch.stored()})
+}
+
+func (st *store) add(r record) uint64 {
+	st.mu.Lock()
+	st.last++
+	r.Seq = st.last
+	st.pending = append(st.pending, r)
+	st.mu.Unlock()
+	select {
+	case st.wake <- struct{}{}:
+	default:
+	}
+	return r.Seq
+}
+
+func (ch *channel) stored() storedChannel {
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	return storedChannel{ch.publisherToken, ch.subscriberToken, ch.hookURL, ch.tag}
+}
+
+// lastSeq is the last change handed to the store.
+func (st *store) lastSeq() uint64 {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.last
+}
+
+// wait returns once change seq is on disk, or the error that kept it off.
+func (st *store) wait(ctx context.Context, seq uint64) error {
+	if st == nil {
+		return nil
+	}
+	for {
+		st.mu.Lock()
+		durable, failure, failed, written := st.durable, st.failure, st.failed, st.written
+		st.mu.Unlock()
+		switch {
+		case durable >= seq:
+			return nil
+		case failure != nil && failed >= seq:
+			return failure
+		}
+		select {
+		case <-written:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// run writes changes as they come until quit; then it writes a last
+// snapshot. After a failed write it tries again with growing pauses.
+func (st *store) run(quit <-chan struct{}) {
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	backoff := time.Second
+	for {
+		select {
+		case <-st.wake:
+		case <-retry.C:
+		case <-quit:
+			if err := st.save(true); err != nil {
+				st.log.Error("last state save failed", "err", err)
+			}
+			if err := st.journal.Close(); err != nil {
+				st.log.Error("close state journal", "err", err)
+			}
+			return
+		}
+		if err := st.save(false); err != nil {
+			st.stats.stateSaveFailure.Add(1)
+			st.log.Error("state not saved; channels are kept in memory, trying again", "err", err, "in", backoff)
+			retry.Reset(backoff)
+			backoff = min(2*backoff, 30*time.Second)
+		} else {
+			backoff = time.Second
+		}
+	}
+}
+
+// save writes the pending changes: appended to the journal, or as a new
+// snapshot when the journal is long, torn, or this is the last save.
+func (st *store) save(last bool) error {
+	st.mu.Lock()
+	batch := st.pending
+	st.pending = nil
+	st.mu.Unlock()
+	if len(batch) == 0 && !last && !st.torn {
+		return nil
+	}
+	var through uint64
+	var err error
+	if last || st.torn || st.appended+len(batch) > journalLimit {
+		through, err = st.rewrite()
+	} else {
+		through, err = batch[len(batch)-1].Seq, st.append(batch)
+	}
+
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if err != nil {
+		st.pending = append(batch, st.pending...)
+		st.failure, st.failed = err, max(st.failed, through)
+	} else {
+		st.durable = max(st.durable, through)
+		st.pending = slices.DeleteFunc(st.pending, func(r record) bool { return r.Seq <= through })
+		st.failure = nil
+	}
+	close(st.written)
+	st.written = make(chan struct{})
+	return err
+}
+
+func (st *store) append(batch []record) error {
+	var buf bytes.Buffer
+	for _, r := range batch {
+		line, err := json.Marshal(r)
+		if err != nil {
+			return fmt.Errorf("encode state change: %w", err)
+		}
+		buf.Write(append(line, '\n'))
+	}
+	if err := st.writeSynced(st.journal, buf.Bytes()); err != nil {
+		st.torn = true // part of it may be there
+		return fmt.Errorf("append to state journal: %w", err)
+	}
+	st.appended += len(batch)
+	return nil
+}
+
+// rewrite replaces the snapshot with the hub's channels and empties the
+// journal; it returns the last change the snapshot includes.
+func (st *store) rewrite() (uint64, error) {
+	snap := st.snapshot()
+	if err := writeSnapshot(st.path, snap, st.writeSynced); err != nil {
+		return snap.Seq, err
+	}
+	if err := st.journal.Truncate(0); err != nil {
+		return snap.Seq, fmt.Errorf("empty state journal: %w", err)
+	}
+	st.appended, st.torn = 0, false
+	return snap.Seq, nil
+}
+
+// snapshot is what the store writes: the channels and the last change they
+// include, read together under h.mu.
+func (h *hub) snapshot() snapshot {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	snap := snapshot{Version: 1, Seq: h.store.lastSeq()}
+	for _, ch := range h.allLocked() {
+		snap.Channels = append(snap.Channels, ch.stored())
+	}
+	return snap
+}
+
 // ---- A subscriber's life ----
 
 // WebSocket close codes we send (RFC 6455, section 7.4.1).
@@ -547,11 +1157,13 @@ const (
 )
 
 // farewell says why a subscriber ends: the close code and reason it is
-// sent, and whether the messages still queued for it go out first.
+// sent, whether the messages still queued go out first (drain), and
+// whether the write under way is cut short because the peer is stuck.
 type farewell struct {
 	code   int
 	reason string
 	drain  bool
+	abort  bool
 }
 
 // subscriber is one WebSocket connection to a channel. The handler goroutine
@@ -572,7 +1184,8 @@ type subscriber struct {
 	bye         farewell   // set once, by stop
 	hookQueue   []hookItem
 	hookRunning bool
-	hookDropped bool // a drop was logged; cleared once the queue drains
+	hookDropped bool   // a drop was logged; cleared once the queue drains
+	frames      uint64 // messages read from the peer, for delivery ids
 
 	wake     chan struct{} // the writer has something to do
 	quit     chan struct{} // closed by stop
@@ -597,7 +1210,9 @@ func (h *hub) newSubscriber(ch *channel) *subscriber {
 // serve is the life of one subscriber after the upgrade, run by the handler
 // goroutine: it reads until the end, then waits for the writer to finish.
 func (s *subscriber) serve(ws *websocket.Conn) {
+	s.mu.Lock()
 	s.ws = ws
+	s.mu.Unlock()
 	s.log.Debug("subscriber connected")
 	go s.writeLoop()
 	s.stop(s.readLoop())
@@ -612,6 +1227,12 @@ func (s *subscriber) stop(bye farewell) {
 		s.ch.leave(s)
 		s.mu.Lock()
 		s.bye = bye
+		if bye.abort && s.ws != nil {
+			// Cut the write under way: the peer is not reading.
+			if err := s.ws.SetWriteDeadline(time.Now()); err != nil {
+				s.log.Debug("set write deadline", "err", err)
+			}
+		}
 		s.mu.Unlock()
 		close(s.quit)
 	})
@@ -621,7 +1242,7 @@ func (s *subscriber) stop(bye farewell) {
 // subscriber is too far behind.
 func (s *subscriber) enqueue(m *message) bool {
 	s.mu.Lock()
-	if len(s.queue) >= sendQueueLimit {
+	if len(s.queue) >= s.hub.cfg.sendQueue {
 		s.mu.Unlock()
 		return false
 	}
@@ -651,27 +1272,27 @@ func (s *subscriber) readLoop() farewell {
 		s.extendReadDeadline()
 		fr, err := s.ws.NewFrameReader()
 		if isTimeout(err) {
-			return farewell{closeGoingAway, "ping timeout", false}
+			return farewell{closeGoingAway, "ping timeout", false, false}
 		} else if err != nil {
-			return farewell{closeGoingAway, "connection lost", false}
+			return farewell{closeGoingAway, "connection lost", false, true}
 		}
 		h := parseFrameHeader(fr.HeaderReader(), fr.Len())
 		if h.opcode == websocket.CloseFrame && h.length <= 125 {
 			payload := make([]byte, h.length)
 			if _, err := io.ReadFull(fr, payload); err != nil {
-				return farewell{closeGoingAway, "connection lost", false}
+				return farewell{closeGoingAway, "connection lost", false, true}
 			}
-			return farewell{peerCloseCode(payload), "closed by peer", false}
+			return farewell{peerCloseCode(payload), "closed by peer", false, false}
 		}
 		if !failed {
-			if bye, bad := h.problem(inMessage, len(msg)); bad {
+			if bye, bad := h.problem(inMessage, int64(len(msg)), s.hub.cfg.maxMessageBytes); bad {
 				failed = true
 				s.stop(bye)
 			}
 		}
 		if failed {
 			if _, err := io.Copy(io.Discard, fr); err != nil {
-				return farewell{closeGoingAway, "connection lost", false}
+				return farewell{closeGoingAway, "connection lost", false, true}
 			}
 			continue
 		}
@@ -679,7 +1300,7 @@ func (s *subscriber) readLoop() farewell {
 		case websocket.PingFrame, websocket.PongFrame:
 			payload := make([]byte, h.length)
 			if _, err := io.ReadFull(fr, payload); err != nil {
-				return farewell{closeGoingAway, "connection lost", false}
+				return farewell{closeGoingAway, "connection lost", false, true}
 			}
 			if h.opcode == websocket.PingFrame {
 				s.mu.Lock()
@@ -692,9 +1313,9 @@ func (s *subscriber) readLoop() farewell {
 			inMessage, msgType, msg = true, h.opcode, nil
 		}
 		start := len(msg)
-		msg = slices.Grow(msg, h.length)[:start+h.length]
+		msg = slices.Grow(msg, int(h.length))[:start+int(h.length)]
 		if _, err := io.ReadFull(fr, msg[start:]); err != nil {
-			return farewell{closeGoingAway, "connection lost", false}
+			return farewell{closeGoingAway, "connection lost", false, true}
 		}
 		if !h.fin {
 			continue
@@ -702,10 +1323,11 @@ func (s *subscriber) readLoop() farewell {
 		inMessage = false
 		if msgType == websocket.TextFrame && !utf8.Valid(msg) {
 			failed = true
-			s.stop(farewell{closeInvalidData, "text frame is not UTF-8", false})
+			s.stop(farewell{closeInvalidData, "text frame is not UTF-8", false, false})
 			continue
 		}
 		s.forward(msg, msgType == websocket.BinaryFrame)
+		msg = nil // the hook worker owns it now
 	}
 }
 
@@ -725,7 +1347,7 @@ func (s *subscriber) extendReadDeadline() {
 type frameHeader struct {
 	fin, rsv, masked bool
 	opcode           byte
-	length           int // of the payload; -1 when it does not fit an int
+	length           int64 // of the payload; -1 when it does not fit
 }
 
 // parseFrameHeader reads the bits x/net/websocket parsed but does not expose.
@@ -740,7 +1362,7 @@ func parseFrameHeader(r io.Reader, frameLen int) frameHeader {
 		rsv:    raw[0]&0x70 != 0,
 		opcode: raw[0] & 0x0f,
 		masked: raw[1]&0x80 != 0,
-		length: frameLen - len(raw),
+		length: int64(frameLen) - int64(len(raw)),
 	}
 	if h.length < 0 {
 		h.length = -1
@@ -749,26 +1371,26 @@ func parseFrameHeader(r io.Reader, frameLen int) frameHeader {
 }
 
 // problem says what is wrong with a frame, given the message it may
-// continue and the bytes of it read so far.
-func (h frameHeader) problem(inMessage bool, msgBytes int) (farewell, bool) {
+// continue, the bytes of it read so far and the largest message allowed.
+func (h frameHeader) problem(inMessage bool, msgBytes, limit int64) (farewell, bool) {
 	control := h.opcode >= websocket.CloseFrame
 	switch {
 	case !h.masked || h.rsv:
-		return farewell{closeProtocolError, "client frames must be masked and use no extensions", false}, true
+		return farewell{closeProtocolError, "client frames must be masked and use no extensions", false, false}, true
 	case control && (!h.fin || h.length < 0 || h.length > 125):
-		return farewell{closeProtocolError, "bad control frame", false}, true
+		return farewell{closeProtocolError, "bad control frame", false, false}, true
 	case control && h.opcode > websocket.PongFrame:
-		return farewell{closeProtocolError, "unknown opcode", false}, true
+		return farewell{closeProtocolError, "unknown opcode", false, false}, true
 	case control:
 		return farewell{}, false
 	case h.opcode == websocket.ContinuationFrame && !inMessage:
-		return farewell{closeProtocolError, "continuation without a message", false}, true
+		return farewell{closeProtocolError, "continuation without a message", false, false}, true
 	case (h.opcode == websocket.TextFrame || h.opcode == websocket.BinaryFrame) && inMessage:
-		return farewell{closeProtocolError, "new message before the last one ended", false}, true
+		return farewell{closeProtocolError, "new message before the last one ended", false, false}, true
 	case h.opcode > websocket.BinaryFrame:
-		return farewell{closeProtocolError, "unknown opcode", false}, true
-	case h.length < 0 || h.length > maxMessageBytes-msgBytes:
-		return farewell{closeTooBig, "message too big", false}, true
+		return farewell{closeProtocolError, "unknown opcode", false, false}, true
+	case h.length < 0 || h.length > limit-msgBytes:
+		return farewell{closeTooBig, "message too big", false, false}, true
 	}
 	return farewell{}, false
 }
@@ -805,14 +1427,14 @@ func (s *subscriber) writeLoop() {
 		case <-s.wake:
 			batch, err = s.flush(batch)
 		case <-ping.C:
-			err = s.write(websocket.PingFrame, nil)
+			err = s.write(websocket.PingFrame, nil, writeWait)
 		case <-s.quit:
 			s.finish(batch)
 			return
 		}
 		if err != nil {
 			s.log.Debug("write failed", "err", err)
-			s.stop(farewell{closeGoingAway, "write failed", false})
+			s.stop(farewell{closeGoingAway, "write failed", false, true})
 		}
 	}
 }
@@ -826,16 +1448,17 @@ func (s *subscriber) flush(batch []*message) ([]*message, error) {
 	s.pong = nil
 	s.mu.Unlock()
 	if pong != nil {
-		if err := s.write(websocket.PongFrame, pong); err != nil {
+		if err := s.write(websocket.PongFrame, pong, writeWait); err != nil {
 			return batch, err
 		}
 	}
 	for i, m := range batch {
-		if err := s.write(websocket.TextFrame, m.data); err != nil {
+		if err := s.write(websocket.TextFrame, m.data, writeWait); err != nil {
 			return batch, err
 		}
 		batch[i] = nil
 	}
+	s.hub.stats.delivered.Add(int64(len(batch)))
 	return batch[:0], nil
 }
 
@@ -850,8 +1473,10 @@ func (s *subscriber) finish(batch []*message) {
 			s.log.Debug("final flush", "err", err)
 		}
 	}
-	if err := s.writeClose(bye); err != nil {
-		s.log.Debug("write close", "err", err)
+	if !bye.abort {
+		if err := s.writeClose(bye); err != nil {
+			s.log.Debug("write close", "err", err)
+		}
 	}
 	// The reader is blocked on the socket: give the peer closeGrace to answer.
 	s.mu.Lock()
@@ -864,13 +1489,13 @@ func (s *subscriber) finish(batch []*message) {
 func (s *subscriber) writeClose(bye farewell) error {
 	payload := make([]byte, 2, 2+len(bye.reason))
 	payload[0], payload[1] = byte(bye.code>>8), byte(bye.code)
-	return s.write(websocket.CloseFrame, append(payload, bye.reason...))
+	return s.write(websocket.CloseFrame, append(payload, bye.reason...), closeGrace)
 }
 
-// write sends one frame within writeWait.
-func (s *subscriber) write(opcode byte, payload []byte) error {
-	if err := s.ws.SetWriteDeadline(time.Now().Add(writeWait)); err != nil {
-		return fmt.Errorf("set write deadline: %w", err)
+// write sends one frame within wait.
+func (s *subscriber) write(opcode byte, payload []byte, wait time.Duration) error {
+	if err := s.armWrite(wait); err != nil {
+		return err
 	}
 	w, err := s.ws.NewFrameWriter(opcode)
 	if err != nil {
@@ -882,13 +1507,28 @@ func (s *subscriber) write(opcode byte, payload []byte) error {
 	return w.Close()
 }
 
+// armWrite sets the write deadline, unless stop has cut writes short.
+func (s *subscriber) armWrite(wait time.Duration) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.bye.abort {
+		return errors.New("connection abandoned")
+	}
+	if err := s.ws.SetWriteDeadline(time.Now().Add(wait)); err != nil {
+		return fmt.Errorf("set write deadline: %w", err)
+	}
+	return nil
+}
+
 // ---- Hook delivery ----
 
 // hookItem is one frame on its way to the backend.
 type hookItem struct {
-	target string
-	body   []byte
-	binary bool
+	target  string
+	channel string // the subscriber token, for X-Gockets-Channel
+	id      string // unique per frame: a backend can drop a retried duplicate
+	body    []byte
+	binary  bool
 }
 
 // forward queues a frame for the channel's hook. Frames from one connection
@@ -897,19 +1537,23 @@ type hookItem struct {
 func (s *subscriber) forward(body []byte, binary bool) {
 	target := s.ch.hookDestination()
 	if target == "" {
+		s.hub.stats.hookNoHook.Add(1)
 		s.log.Debug("frame dropped: channel has no hook", "bytes", len(body))
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if len(s.hookQueue) >= hookQueueLimit {
+		s.hub.stats.hookQueueFull.Add(1)
 		if !s.hookDropped {
-			s.log.Warn("hook queue full: dropping frames until it drains")
+			s.log.Warn("hook queue full: dropping frames until it drains", "queued", len(s.hookQueue))
 			s.hookDropped = true
 		}
 		return
 	}
-	s.hookQueue = append(s.hookQueue, hookItem{target: target, body: body, binary: binary})
+	s.frames++
+	id := fmt.Sprintf("%s.%d.%d", s.hub.bootID, s.id, s.frames)
+	s.hookQueue = append(s.hookQueue, hookItem{target, s.ch.subscriberToken, id, body, binary})
 	if !s.hookRunning {
 		s.hookRunning = true
 		s.hub.hookWorkers.Add(1)
@@ -933,7 +1577,10 @@ func (s *subscriber) deliverHooks() {
 		s.hookQueue = s.hookQueue[1:]
 		s.mu.Unlock()
 		if err := s.hub.deliver(item); err != nil {
+			s.hub.stats.hookFailed.Add(1)
 			s.log.Warn("hook delivery failed; frame dropped", "err", err)
+		} else {
+			s.hub.stats.hookDelivered.Add(1)
 		}
 	}
 }
@@ -951,9 +1598,12 @@ func (h *hub) deliver(item hookItem) error {
 		if !retry || attempt >= policy.attempts {
 			return fmt.Errorf("attempt %d of %d: %w", attempt, policy.attempts, err)
 		}
+		h.stats.hookRetried.Add(1)
+		t := time.NewTimer(backoff)
 		select {
-		case <-time.After(backoff):
+		case <-t.C:
 		case <-h.hookCtx.Done():
+			t.Stop()
 			return fmt.Errorf("shutting down after attempt %d: %w", attempt, err)
 		}
 		backoff = min(2*backoff, policy.backoffMax)
@@ -970,6 +1620,14 @@ func (h *hub) post(item hookItem) (retry bool, err error) {
 	if item.binary {
 		req.Header.Set("Content-Type", "application/octet-stream")
 	}
+	req.Header.Set("User-Agent", "Gockets")
+	req.Header.Set("X-Gockets-Channel", item.channel)
+	req.Header.Set("X-Gockets-Delivery-Id", item.id)
+	if h.cfg.hookSecret != "" {
+		timestamp := strconv.FormatInt(time.Now().Unix(), 10)
+		req.Header.Set("X-Gockets-Timestamp", timestamp)
+		req.Header.Set("X-Gockets-Signature", "sha256="+sign(h.cfg.hookSecret, timestamp, item.channel, item.body))
+	}
 	resp, err := h.hooks.Do(req)
 	if err != nil {
 		return true, fmt.Errorf("post hook: %w", err)
@@ -985,6 +1643,16 @@ func (h *hub) post(item hookItem) (retry bool, err error) {
 		return false, fmt.Errorf("hook answered %s", resp.Status)
 	}
 	return false, nil
+}
+
+// sign is the hex HMAC-SHA256, under secret, of "timestamp.channel.body".
+// Signing the timestamp lets a backend refuse replays; signing the channel
+// keeps a body from being replayed as another channel's.
+func sign(secret, timestamp, channel string, body []byte) string {
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write([]byte(timestamp + "." + channel + "."))
+	mac.Write(body)
+	return hex.EncodeToString(mac.Sum(nil))
 }
 
 // ---- HTTP handlers ----
@@ -1089,25 +1757,45 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // readBody reads a request body of at most limit bytes, answering 413 or 400
 // itself when it cannot.
 func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool) {
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
-	if err == nil {
-		return body, true
-	}
-	var tooBig *http.MaxBytesError
-	if errors.As(err, &tooBig) {
+	tooBig := func() ([]byte, bool) {
 		reply(w, http.StatusRequestEntityTooLarge, "ERR", fmt.Sprintf("body is larger than %d bytes", limit))
 		return nil, false
 	}
-	reply(w, http.StatusBadRequest, "ERR", "cannot read body: "+err.Error())
-	return nil, false
+	if r.ContentLength > limit {
+		return tooBig()
+	}
+	var buf bytes.Buffer
+	if r.ContentLength > 0 {
+		buf.Grow(int(r.ContentLength))
+	}
+	_, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, limit))
+	var maxBytes *http.MaxBytesError
+	switch {
+	case errors.As(err, &maxBytes):
+		return tooBig()
+	case err != nil:
+		reply(w, http.StatusBadRequest, "ERR", "cannot read body: "+err.Error())
+		return nil, false
+	}
+	return buf.Bytes(), true
 }
 
 func notFound(w http.ResponseWriter, what string) {
 	reply(w, http.StatusNotFound, "ERR", what+" token not found")
 }
 
+// saved waits until change seq is on disk; when it cannot be, it answers
+// 503 itself. The change stays in memory and is saved when the disk allows.
+func (h *hub) saved(w http.ResponseWriter, r *http.Request, seq uint64) bool {
+	if err := h.store.wait(r.Context(), seq); err != nil {
+		reply(w, http.StatusServiceUnavailable, "ERR", "done in memory but not saved to the state file, it will be when the disk allows: "+err.Error())
+		return false
+	}
+	return true
+}
+
 func (h *hub) handlePrepare(w http.ResponseWriter, r *http.Request) {
-	body, ok := readBody(w, r, maxBodyBytes)
+	body, ok := readBody(w, r, h.cfg.maxRequestBytes)
 	if !ok {
 		return
 	}
@@ -1116,7 +1804,10 @@ func (h *hub) handlePrepare(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusBadRequest, "ERR", err.Error())
 		return
 	}
-	ch := h.prepare(opts)
+	ch, seq := h.prepare(opts)
+	if !h.saved(w, r, seq) {
+		return
+	}
 	h.log.Info("channel prepared", "channel", fingerprint(ch.subscriberToken))
 	writeJSON(w, http.StatusOK, ch.view())
 }
@@ -1150,7 +1841,7 @@ func (h *hub) handleEdit(w http.ResponseWriter, r *http.Request) {
 		notFound(w, "publisher")
 		return
 	}
-	body, ok := readBody(w, r, maxBodyBytes)
+	body, ok := readBody(w, r, h.cfg.maxRequestBytes)
 	if !ok {
 		return
 	}
@@ -1159,11 +1850,14 @@ func (h *hub) handleEdit(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusBadRequest, "ERR", err.Error())
 		return
 	}
-	if !ch.edit(opts) {
+	seq, ok := h.edit(ch, opts)
+	if !ok {
 		notFound(w, "publisher")
 		return
 	}
-	writeJSON(w, http.StatusOK, ch.view())
+	if h.saved(w, r, seq) {
+		writeJSON(w, http.StatusOK, ch.view())
+	}
 }
 
 func (h *hub) handlePublish(w http.ResponseWriter, r *http.Request) {
@@ -1172,33 +1866,48 @@ func (h *hub) handlePublish(w http.ResponseWriter, r *http.Request) {
 		notFound(w, "publisher")
 		return
 	}
-	body, ok := readBody(w, r, maxMessageBytes)
+	body, ok := readBody(w, r, h.cfg.maxMessageBytes)
 	if !ok {
 		return
 	}
-	n, ok := ch.publish(&message{data: body})
+	n, queued, ok := h.publish(ch, &message{data: body, at: time.Now()})
 	if !ok {
 		notFound(w, "publisher")
 		return
 	}
-	writeJSON(w, http.StatusOK, publishReply{
-		Type:        "INF",
-		Message:     fmt.Sprintf("message handed to %d subscriber(s)", n),
-		Subscribers: n,
-	})
+	var msg string
+	switch {
+	case queued:
+		msg = "no subscriber is connected: message kept for the next one"
+	case n == 0:
+		msg = "no subscriber is connected: message dropped (-backlog 0)"
+	default:
+		msg = fmt.Sprintf("message handed to %d subscriber(s)", n)
+	}
+	writeJSON(w, http.StatusOK, publishReply{"INF", msg, n, queued})
 }
 
-// publishReply says how many subscribers took the message.
+// publishReply says how many subscribers took the message, or whether it
+// was kept for the next one.
 type publishReply struct {
 	Type        string `json:"type"`
 	Message     string `json:"message"`
 	Subscribers int    `json:"subscribers"`
+	Queued      bool   `json:"queued"`
 }
 
 func (h *hub) handleDelete(w http.ResponseWriter, r *http.Request) {
 	ch := h.byPublisherToken(r.PathValue("publisher_token"))
-	if ch == nil || !h.delete(ch) {
+	if ch == nil {
 		notFound(w, "publisher")
+		return
+	}
+	seq, ok := h.delete(ch, farewell{closeNormal, "channel deleted", true, false})
+	if !ok {
+		notFound(w, "publisher")
+		return
+	}
+	if !h.saved(w, r, seq) {
 		return
 	}
 	h.log.Info("channel deleted", "channel", fingerprint(ch.subscriberToken))
@@ -1237,7 +1946,7 @@ func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 		},
 		Handler: s.serve,
 	}.ServeHTTP(w, r)
-	s.stop(farewell{closeGoingAway, "handshake failed", false}) // leaves if serve never ran
+	s.stop(farewell{closeGoingAway, "handshake failed", false, false}) // leaves if serve never ran
 }
 
 // fingerprint names a token in logs without revealing any of it: the first
@@ -1279,35 +1988,56 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	log := newLogger(stderr, cfg.logLevel)
-	h := newHub(cfg, log)
+	h, err := newHub(cfg, log)
+	if err != nil {
+		return err
+	}
 	ln, err := net.Listen("tcp", net.JoinHostPort("", strconv.Itoa(cfg.port)))
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	srv := &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: readHeaderTimeout,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
-	}
+	srv := newServer(cfg, h, log)
+	h.start()
 	log.Info("gockets listening", "addr", ln.Addr().String(), "host_name", cfg.hostName, "ping_interval", cfg.pingInterval)
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 
 	select {
 	case err := <-served:
+		h.stop()
 		return fmt.Errorf("serve: %w", err)
 	case <-ctx.Done():
 	}
 	log.Info("shutting down")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	return shutdown(srv, h)
+}
+
+// newServer is the HTTP server with the limits of cfg. The timeouts guard
+// admin requests; WebSockets set their own deadlines once upgraded.
+func newServer(cfg config, h *hub, log *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: cfg.readHeaderTimeout,
+		ReadTimeout:       cfg.readTimeout,
+		WriteTimeout:      cfg.writeTimeout,
+		IdleTimeout:       cfg.idleTimeout,
+		MaxHeaderBytes:    cfg.maxHeaderBytes,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+}
+
+// shutdown closes every subscriber with 1001, lets in-flight requests and
+// queued hook deliveries finish within shutdownTimeout, and writes the
+// state file.
+func shutdown(srv *http.Server, h *hub) error {
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	h.closeAll()
-	if err := srv.Shutdown(shutdownCtx); err != nil {
+	errs := []error{srv.Shutdown(ctx), h.wait(ctx)}
+	h.stop()
+	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
-	if err := h.wait(shutdownCtx); err != nil {
-		return fmt.Errorf("shutdown: %w", err)
-	}
-	log.Info("stopped")
+	h.log.Info("stopped")
 	return nil
 }

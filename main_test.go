@@ -15,9 +15,16 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
+	"runtime"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -30,21 +37,32 @@ import (
 const waitTimeout = 10 * time.Second
 
 type daemon struct {
-	t    *testing.T
+	t    testing.TB
 	hub  *hub
 	url  string // http://127.0.0.1:PORT
 	logs *syncBuffer
+	stop func() error // shuts the daemon down as SIGTERM would
+}
+
+// TestMain lets a test run the real daemon in a child process: this test
+// binary, with GOCKETS_TEST_RUN_MAIN=1, is main() with its own flags.
+func TestMain(m *testing.M) {
+	if os.Getenv("GOCKETS_TEST_RUN_MAIN") == "1" {
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
 }
 
 // startDaemon starts a hub with the flags a user would type, behind
 // httptest.NewServer.
-func startDaemon(t *testing.T, args ...string) *daemon {
+func startDaemon(t testing.TB, args ...string) *daemon {
 	return startDaemonWith(t, nil, args...)
 }
 
 // startDaemonWith also lets a test change settings no flag reaches, such as
 // a sub-second ping interval.
-func startDaemonWith(t *testing.T, tweak func(*config), args ...string) *daemon {
+func startDaemonWith(t testing.TB, tweak func(*config), args ...string) *daemon {
 	t.Helper()
 	cfg, err := parseConfig(args, io.Discard)
 	if err != nil {
@@ -54,21 +72,32 @@ func startDaemonWith(t *testing.T, tweak func(*config), args ...string) *daemon 
 		tweak(&cfg)
 	}
 	logs := &syncBuffer{}
-	h := newHub(cfg, newLogger(logs, cfg.logLevel))
-	srv := httptest.NewServer(h)
+	h, err := newHub(cfg, newLogger(logs, cfg.logLevel))
+	if err != nil {
+		t.Fatalf("newHub: %v", err)
+	}
+	srv := httptest.NewUnstartedServer(h)
+	srv.Config = newServer(cfg, h, h.log)
+	srv.Start()
+	h.start()
+	var once sync.Once
+	var stopErr error
+	stop := func() error {
+		once.Do(func() {
+			stopErr = shutdown(srv.Config, h)
+			srv.Close()
+		})
+		return stopErr
+	}
 	t.Cleanup(func() {
-		h.closeAll()
-		srv.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
-		defer cancel()
-		if err := h.wait(ctx); err != nil {
+		if err := stop(); err != nil {
 			t.Errorf("daemon did not stop: %v", err)
 		}
 		if t.Failed() {
 			t.Logf("daemon log:\n%s", logs)
 		}
 	})
-	return &daemon{t: t, hub: h, url: srv.URL, logs: logs}
+	return &daemon{t: t, hub: h, url: srv.URL, logs: logs, stop: stop}
 }
 
 // syncBuffer is a log destination that tests can read while the daemon writes.
@@ -182,7 +211,7 @@ func (d *daemon) subscribe(subscriberToken string) *websocket.Conn {
 }
 
 // receive reads one message within waitTimeout.
-func receive(t *testing.T, ws *websocket.Conn) string {
+func receive(t testing.TB, ws *websocket.Conn) string {
 	t.Helper()
 	if err := ws.SetReadDeadline(time.Now().Add(waitTimeout)); err != nil {
 		t.Fatalf("set deadline: %v", err)
@@ -196,7 +225,7 @@ func receive(t *testing.T, ws *websocket.Conn) string {
 
 // waitFor polls cond until it holds, for what cannot signal by itself (a
 // peer that vanished without a word).
-func waitFor(t *testing.T, what string, cond func() bool) {
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(waitTimeout)
 	for !cond() {
@@ -208,7 +237,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 }
 
 // recv waits for a value from c, failing the test after waitTimeout.
-func recv[T any](t *testing.T, c <-chan T, what string) T {
+func recv[T any](t testing.TB, c <-chan T, what string) T {
 	t.Helper()
 	select {
 	case v := <-c:
@@ -222,7 +251,7 @@ func recv[T any](t *testing.T, c <-chan T, what string) T {
 // wsClient is a minimal WebSocket client on a raw connection, so that tests
 // can see close codes and pings, and send frames a good client never would.
 type wsClient struct {
-	t         *testing.T
+	t         testing.TB
 	conn      net.Conn
 	br        *bufio.Reader
 	closeSent bool
@@ -230,17 +259,29 @@ type wsClient struct {
 
 // dialWS makes the upgrade by hand. The header lines are sent as given, so
 // a test may leave Origin out. It returns the response when it is not 101.
-func dialWS(t *testing.T, rawURL string, header http.Header) (*wsClient, *http.Response) {
+func dialWS(t testing.TB, rawURL string, header http.Header) (*wsClient, *http.Response) {
+	t.Helper()
+	return dialWSWith(t, &net.Dialer{}, rawURL, header)
+}
+
+// dialWSWith dials with dialer; the connection is closed when the test ends.
+func dialWSWith(t testing.TB, dialer *net.Dialer, rawURL string, header http.Header) (*wsClient, *http.Response) {
 	t.Helper()
 	u, err := url.Parse(rawURL)
 	if err != nil {
 		t.Fatalf("parse %s: %v", rawURL, err)
 	}
-	conn, err := net.Dial("tcp", u.Host)
+	conn, err := dialer.Dial("tcp", u.Host)
 	if err != nil {
 		t.Fatalf("dial %s: %v", u.Host, err)
 	}
 	t.Cleanup(func() { conn.Close() })
+	return handshake(t, conn, u, header)
+}
+
+// handshake upgrades conn; the caller closes it.
+func handshake(t testing.TB, conn net.Conn, u *url.URL, header http.Header) (*wsClient, *http.Response) {
+	t.Helper()
 	key := make([]byte, 16)
 	rand.Read(key)
 	req := &http.Request{Method: "GET", URL: u, Header: http.Header{
@@ -411,7 +452,7 @@ type hookRequest struct {
 }
 
 // startHook serves a hook that answers with answer(r) (200 when nil).
-func startHook(t *testing.T, answer func(*http.Request) int) *hookServer {
+func startHook(t testing.TB, answer func(*http.Request) int) *hookServer {
 	t.Helper()
 	hs := &hookServer{requests: make(chan hookRequest, 10000)}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -480,7 +521,7 @@ func TestRoutesAnswerTheContract(t *testing.T) {
 		t.Errorf("PATCH /channel/edit = %s, want %s", edited, channelBody(plain))
 	}
 
-	if got := d.mustCall("POST", "/channel/publish/"+plain.PublisherToken, "hello", 200, nil); got != `{"type":"INF","message":"message handed to 0 subscriber(s)","subscribers":0}`+"\n" {
+	if got := d.mustCall("POST", "/channel/publish/"+plain.PublisherToken, "hello", 200, nil); got != `{"type":"INF","message":"no subscriber is connected: message kept for the next one","subscribers":0,"queued":true}`+"\n" {
 		t.Errorf("publish = %s", got)
 	}
 	if got := d.mustCall("DELETE", "/channel/publish/"+plain.PublisherToken, "", 200, nil); got != `{"type":"OK","message":"channel closed and deleted"}`+"\n" {
@@ -1228,21 +1269,35 @@ func TestHookURLsAreKeptAsGiven(t *testing.T) {
 	}
 }
 
-func TestBodiesTooLargeAre413(t *testing.T) {
-	d := startDaemon(t)
+func TestBodiesAreLimited(t *testing.T) {
+	d := startDaemon(t, "-max-request-bytes", "2048", "-max-message-bytes", "4096")
 	ch := d.prepare("")
+	tag := func(n int) string { return `{"tag":"` + strings.Repeat("a", n-10) + `"}` } // n bytes of JSON
 	for _, r := range []struct {
 		method, path string
-		size         int
+		limit        int
+		body         func(int) string
 	}{
-		{"POST", "/channel/prepare", maxBodyBytes + 1},
-		{"PATCH", "/channel/edit/" + ch.PublisherToken, maxBodyBytes + 1},
-		{"POST", "/channel/publish/" + ch.PublisherToken, maxMessageBytes + 1},
+		{"POST", "/channel/prepare", 2048, tag},
+		{"PATCH", "/channel/edit/" + ch.PublisherToken, 2048, tag},
+		{"POST", "/channel/publish/" + ch.PublisherToken, 4096, func(n int) string { return strings.Repeat("m", n) }},
 	} {
+		d.mustCall(r.method, r.path, r.body(r.limit), 200, nil)
+		// With a Content-Length, and chunked without one.
 		var got struct{ Type, Message string }
-		d.mustCall(r.method, r.path, `{"tag":"`+strings.Repeat("a", r.size)+`"}`, 413, &got)
-		if got.Type != "ERR" || !strings.Contains(got.Message, "body is larger than") {
+		d.mustCall(r.method, r.path, r.body(r.limit+1), 413, &got)
+		if got.Type != "ERR" || got.Message != fmt.Sprintf("body is larger than %d bytes", r.limit) {
 			t.Errorf("%s %s: %+v", r.method, r.path, got)
+		}
+		req, _ := http.NewRequest(r.method, d.url+r.path, io.MultiReader(strings.NewReader(r.body(r.limit+1))))
+		req.Host = "localhost"
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 413 || req.ContentLength != 0 {
+			t.Errorf("%s %s chunked: %d (Content-Length %d)", r.method, r.path, resp.StatusCode, req.ContentLength)
 		}
 	}
 }
@@ -1250,11 +1305,16 @@ func TestBodiesTooLargeAre413(t *testing.T) {
 // ---- Frames from subscribers ----
 
 func TestSubscriberFramesAreCheckedAndReassembled(t *testing.T) {
+	const limit = 4096
 	hook := startHook(t, nil)
-	d := startDaemon(t)
+	d := startDaemon(t, "-max-message-bytes", fmt.Sprint(limit))
 	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
 
 	c := d.dial(ch.SubscriberToken)
+	c.send(true, websocket.BinaryFrame, make([]byte, limit))
+	if r := recv(t, hook.requests, "largest frame"); len(r.body) != limit {
+		t.Errorf("hook got %d bytes, want %d", len(r.body), limit)
+	}
 	c.send(false, websocket.TextFrame, []byte("frag"))
 	c.send(true, websocket.PingFrame, []byte("between fragments"))
 	if op, p := c.frame(); op != websocket.PongFrame || string(p) != "between fragments" {
@@ -1271,10 +1331,11 @@ func TestSubscriberFramesAreCheckedAndReassembled(t *testing.T) {
 		send  func(c *wsClient)
 		close int
 	}{
-		{"too big", func(c *wsClient) { c.send(true, websocket.BinaryFrame, make([]byte, maxMessageBytes+1)) }, closeTooBig},
+		{"too big", func(c *wsClient) { c.send(true, websocket.BinaryFrame, make([]byte, limit+1)) }, closeTooBig},
+		{"much too big", func(c *wsClient) { c.send(true, websocket.BinaryFrame, make([]byte, 4<<20)) }, closeTooBig},
 		{"too big in fragments", func(c *wsClient) {
-			c.send(false, websocket.BinaryFrame, make([]byte, maxMessageBytes/2+1))
-			c.send(true, websocket.ContinuationFrame, make([]byte, maxMessageBytes/2+1))
+			c.send(false, websocket.BinaryFrame, make([]byte, limit/2+1))
+			c.send(true, websocket.ContinuationFrame, make([]byte, limit/2+1))
 		}, closeTooBig},
 		{"not UTF-8", func(c *wsClient) { c.send(true, websocket.TextFrame, []byte{0xff, 0xfe}) }, closeInvalidData},
 		{"unmasked", func(c *wsClient) { c.sendFrame(true, websocket.TextFrame, []byte("x"), false) }, closeProtocolError},
@@ -1292,5 +1353,898 @@ func TestSubscriberFramesAreCheckedAndReassembled(t *testing.T) {
 				t.Errorf("listeners = %d, want 1 (the first client)", n)
 			}
 		})
+	}
+}
+
+// ---- Limits and timeouts ----
+
+func TestSlowlorisIsCutOff(t *testing.T) {
+	d := startDaemon(t, "-read-header-timeout", "200ms", "-read-timeout", "400ms")
+	ch := d.prepare("")
+	for _, tc := range []struct{ name, request string }{
+		{"headers never finished", "GET /channel HTTP/1.1\r\nHost: localhost\r\nX-Slow: "},
+		{"body never finished", "POST /channel/publish/" + ch.PublisherToken + " HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\nhalf"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			conn, err := net.Dial("tcp", strings.TrimPrefix(d.url, "http://"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			start := time.Now()
+			if _, err := io.WriteString(conn, tc.request); err != nil {
+				t.Fatal(err)
+			}
+			conn.SetReadDeadline(time.Now().Add(waitTimeout))
+			// The server may say why before it hangs up; either way it hangs up.
+			if _, err := io.Copy(io.Discard, conn); err != nil {
+				t.Fatalf("connection not closed by the server: %v", err)
+			}
+			if elapsed := time.Since(start); elapsed < 200*time.Millisecond {
+				t.Errorf("closed after %v, before the timeout", elapsed)
+			}
+		})
+	}
+}
+
+func TestHeadersTooLargeAre431(t *testing.T) {
+	d := startDaemon(t, "-max-header-bytes", "1024")
+	req, _ := http.NewRequest("GET", d.url+"/channel", nil)
+	req.Host = "localhost"
+	req.Header.Set("X-Big", strings.Repeat("h", 8<<10)) // net/http allows 4 KiB over the limit
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Errorf("status %d, want 431", resp.StatusCode)
+	}
+}
+
+func TestServerTimeoutsDoNotCutWebSockets(t *testing.T) {
+	d := startDaemonWith(t, func(c *config) { c.pingInterval = 50 * time.Millisecond },
+		"-read-timeout", "100ms", "-write-timeout", "100ms", "-idle-timeout", "100ms")
+	ch := d.prepare("")
+	c := d.dial(ch.SubscriberToken)
+	for range 10 { // half a second: five times the timeouts
+		if op, p := c.frame(); op == websocket.PingFrame {
+			c.send(true, websocket.PongFrame, p)
+		}
+	}
+	d.publish(ch.PublisherToken, "still connected")
+	c.expectText("still connected")
+}
+
+// ---- Slow subscribers ----
+
+func TestSlowSubscriberIsDroppedOthersGetEverything(t *testing.T) {
+	const readers, messages = 20, 2000
+	d := startDaemonWith(t, func(c *config) { c.sendQueue = 128 })
+	ch := d.prepare("")
+
+	// A subscriber that never reads, with a tiny receive buffer.
+	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+		return errors.Join(err, serr)
+	}}
+	if slow, _ := dialWSWith(t, small, d.wsURL(ch.SubscriberToken), nil); slow == nil {
+		t.Fatal("slow subscriber not connected")
+	}
+
+	var wg sync.WaitGroup
+	for r := range readers {
+		ws := d.subscribe(ch.SubscriberToken)
+		wg.Go(func() {
+			for i := range messages {
+				got := receive(t, ws)
+				if want := strconv.Itoa(i) + ":"; !strings.HasPrefix(got, want) {
+					t.Errorf("reader %d: message %d starts %.12q, want %q", r, i, got, want)
+					return
+				}
+			}
+		})
+	}
+
+	payload := strings.Repeat("x", 4096)
+	var slowest time.Duration
+	for i := range messages {
+		start := time.Now()
+		d.publish(ch.PublisherToken, strconv.Itoa(i)+":"+payload)
+		slowest = max(slowest, time.Since(start))
+	}
+	wg.Wait()
+	t.Logf("slowest of %d publishes: %v", messages, slowest)
+	if slowest > time.Second {
+		t.Errorf("a publish took %v: publishers waited for the slow subscriber", slowest)
+	}
+	if n := d.hub.stats.slowDisconnects.Load(); n != 1 {
+		t.Errorf("%d slow subscribers disconnected, want 1", n)
+	}
+	if n := d.listeners(ch.PublisherToken); n != readers {
+		t.Errorf("listeners = %d, want the %d readers", n, readers)
+	}
+	if !strings.Contains(d.logs.String(), `level=WARN msg="subscriber too slow: disconnected"`) {
+		t.Errorf("no warning for the slow subscriber:\n%s", d.logs)
+	}
+}
+
+// ---- Hooks a backend can trust ----
+
+func TestHookFailsHangsAndRecovers(t *testing.T) {
+	d := startDaemonWith(t, func(c *config) {
+		c.hook = hookPolicy{timeout: 200 * time.Millisecond, attempts: 5, backoffMin: 10 * time.Millisecond, backoffMax: 40 * time.Millisecond}
+	}, "-hook-secret", "s3cret")
+	var calls atomic.Int32
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	hook := startHook(t, func(r *http.Request) int {
+		switch calls.Add(1) {
+		case 1:
+			return http.StatusInternalServerError
+		case 2: // hangs past the hook timeout; the daemon has given up on it
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+			return http.StatusGatewayTimeout
+		case 3:
+			return http.StatusBadGateway
+		}
+		return http.StatusOK
+	})
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
+	ws := d.subscribe(ch.SubscriberToken)
+	for i := range 5 {
+		if err := websocket.Message.Send(ws, fmt.Sprint("frame ", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deliveryIDs := map[string]bool{}
+	for i := range 5 {
+		r := recv(t, hook.requests, "hook request")
+		if want := fmt.Sprint("frame ", i); r.body != want {
+			t.Fatalf("hook got %q, want %q", r.body, want)
+		}
+		if got := r.header.Get("X-Gockets-Channel"); got != ch.SubscriberToken {
+			t.Errorf("X-Gockets-Channel %q, want the subscriber token", got)
+		}
+		ts := r.header.Get("X-Gockets-Timestamp")
+		if sec, err := strconv.ParseInt(ts, 10, 64); err != nil || time.Since(time.Unix(sec, 0)).Abs() > time.Minute {
+			t.Errorf("X-Gockets-Timestamp %q", ts)
+		}
+		if got, want := r.header.Get("X-Gockets-Signature"), "sha256="+sign("s3cret", ts, ch.SubscriberToken, []byte(r.body)); got != want {
+			t.Errorf("X-Gockets-Signature %q, want %q", got, want)
+		}
+		if id := r.header.Get("X-Gockets-Delivery-Id"); !strings.HasSuffix(id, fmt.Sprintf(".1.%d", i+1)) || deliveryIDs[id] {
+			t.Errorf("X-Gockets-Delivery-Id %q: not unique per frame", id)
+		}
+		deliveryIDs[r.header.Get("X-Gockets-Delivery-Id")] = true
+	}
+	st := &d.hub.stats
+	waitFor(t, "the last delivery to be counted", func() bool { return st.hookDelivered.Load() == 5 })
+	if st.hookDelivered.Load() != 5 || st.hookRetried.Load() != 3 || st.hookFailed.Load() != 0 {
+		t.Errorf("delivered %d, retried %d, failed %d; want 5, 3, 0", st.hookDelivered.Load(), st.hookRetried.Load(), st.hookFailed.Load())
+	}
+}
+
+func TestHookRedirectsAreNotFollowedAndSpentFramesDropped(t *testing.T) {
+	d := startDaemonWith(t, func(c *config) {
+		c.hook = hookPolicy{timeout: time.Second, attempts: 3, backoffMin: time.Millisecond, backoffMax: time.Millisecond}
+	})
+	elsewhere := startHook(t, nil)
+	var calls atomic.Int32
+	hook := startHook(t, func(r *http.Request) int {
+		switch n := calls.Add(1); {
+		case n == 1:
+			return http.StatusFound // Location is set below
+		case n <= 4:
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusOK
+	})
+	redirecting := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Location", elsewhere.url)
+		http.Redirect(w, r, elsewhere.url, http.StatusFound)
+	}))
+	t.Cleanup(redirecting.Close)
+	_ = hook
+
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, redirecting.URL))
+	ws := d.subscribe(ch.SubscriberToken)
+	if err := websocket.Message.Send(ws, "redirected"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the redirected frame to be dropped", func() bool { return d.hub.stats.hookFailed.Load() == 1 })
+	select {
+	case r := <-elsewhere.requests:
+		t.Errorf("the redirect was followed: %q", r.body)
+	default:
+	}
+
+	d.mustCall("PATCH", "/channel/edit/"+ch.PublisherToken, fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url), 200, nil)
+	calls.Store(1)
+	for _, f := range []string{"spent", "delivered"} {
+		if err := websocket.Message.Send(ws, f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// "spent" meets three 503s and is dropped; "delivered" gets through.
+	if r := recv(t, hook.requests, "hook request"); r.body != "delivered" {
+		t.Errorf("hook got %q, want \"delivered\"", r.body)
+	}
+	if n := d.hub.stats.hookFailed.Load(); n != 2 {
+		t.Errorf("%d frames dropped, want 2", n)
+	}
+	if !strings.Contains(d.logs.String(), `msg="hook delivery failed; frame dropped"`) || !strings.Contains(d.logs.String(), "attempt 3 of 3") {
+		t.Errorf("drops not logged:\n%s", d.logs)
+	}
+}
+
+func TestHookQueueIsBounded(t *testing.T) {
+	d := startDaemon(t)
+	release := make(chan struct{})
+	hook := startHook(t, func(r *http.Request) int {
+		<-release
+		return http.StatusOK
+	})
+	var once sync.Once
+	unblock := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(unblock)
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
+	c := d.dial(ch.SubscriberToken)
+	const frames = hookQueueLimit + 10
+	for i := range frames {
+		c.send(true, websocket.TextFrame, []byte(strconv.Itoa(i)))
+	}
+	c.send(true, websocket.CloseFrame, closePayload(closeNormal))
+	c.expectClose(closeNormal) // every frame before it has been read
+	dropped := d.hub.stats.hookQueueFull.Load()
+	if dropped < 9 || dropped > 10 {
+		t.Errorf("%d frames dropped, want 9 or 10 (%d sent, one in flight, %d queued)", dropped, frames, hookQueueLimit)
+	}
+	if n := strings.Count(d.logs.String(), "hook queue full"); n != 1 {
+		t.Errorf("queue full logged %d times, want once", n)
+	}
+	unblock()
+	for i := range frames - int(dropped) {
+		if r := recv(t, hook.requests, "queued frame"); r.body != strconv.Itoa(i) {
+			t.Fatalf("frame %d reached the hook as %q", i, r.body)
+		}
+	}
+}
+
+// ---- Backlog and channel TTL ----
+
+func TestMessagesWaitForTheNextSubscriber(t *testing.T) {
+	d := startDaemon(t)
+	ch := d.prepare("")
+	for i := range 3 {
+		if r := d.publish(ch.PublisherToken, fmt.Sprint("early ", i)); !r.Queued || r.Subscribers != 0 {
+			t.Fatalf("publish before any subscriber: %+v, want queued", r)
+		}
+	}
+	c := d.dial(ch.SubscriberToken)
+	for i := range 3 {
+		c.expectText(fmt.Sprint("early ", i))
+	}
+	if r := d.publish(ch.PublisherToken, "live"); r.Queued || r.Subscribers != 1 {
+		t.Errorf("publish with a subscriber: %+v", r)
+	}
+	c.expectText("live")
+	// The next subscriber gets only what nobody has had.
+	second := d.dial(ch.SubscriberToken)
+	d.publish(ch.PublisherToken, "for both")
+	second.expectText("for both")
+	c.expectText("for both")
+	if n := d.hub.stats.queued.Load(); n != 3 {
+		t.Errorf("queued counter %d, want 3", n)
+	}
+}
+
+func TestBacklogIsBoundedAndExpires(t *testing.T) {
+	t.Run("bounded", func(t *testing.T) {
+		d := startDaemon(t, "-backlog", "2")
+		ch := d.prepare("")
+		for i := range 3 {
+			d.publish(ch.PublisherToken, fmt.Sprint(i))
+		}
+		c := d.dial(ch.SubscriberToken)
+		c.expectText("1")
+		c.expectText("2")
+		if n := d.hub.stats.droppedBacklogFull.Load(); n != 1 {
+			t.Errorf("dropped %d, want 1", n)
+		}
+	})
+	t.Run("off", func(t *testing.T) {
+		d := startDaemon(t, "-backlog", "0")
+		ch := d.prepare("")
+		got := d.mustCall("POST", "/channel/publish/"+ch.PublisherToken, "lost", 200, nil)
+		if want := `{"type":"INF","message":"no subscriber is connected: message dropped (-backlog 0)","subscribers":0,"queued":false}` + "\n"; got != want {
+			t.Errorf("publish = %s", got)
+		}
+		c := d.dial(ch.SubscriberToken)
+		d.publish(ch.PublisherToken, "first seen")
+		c.expectText("first seen")
+	})
+	t.Run("expires", func(t *testing.T) {
+		d := startDaemon(t, "-backlog-ttl", "50ms")
+		ch := d.prepare("")
+		d.publish(ch.PublisherToken, "stale")
+		waitFor(t, "the kept message to expire", func() bool { return d.hub.stats.droppedExpired.Load() == 1 })
+		c := d.dial(ch.SubscriberToken)
+		d.publish(ch.PublisherToken, "fresh")
+		c.expectText("fresh")
+	})
+}
+
+func TestIdleChannelsExpire(t *testing.T) {
+	d := startDaemon(t, "-channel-ttl", "100ms")
+	idle := d.prepare("")
+	busy := d.prepare("")
+	c := d.dial(busy.SubscriberToken)
+	waitFor(t, "the idle channel to expire", func() bool {
+		status, _, _ := d.call("GET", "/channel/"+idle.PublisherToken, "")
+		return status == 404
+	})
+	if n := d.listeners(busy.PublisherToken); n != 1 {
+		t.Fatalf("channel with a subscriber: listeners %d", n)
+	}
+	c.send(true, websocket.CloseFrame, closePayload(closeNormal))
+	c.expectClose(closeNormal)
+	waitFor(t, "the channel to expire once its subscriber left", func() bool {
+		status, _, _ := d.call("GET", "/channel/"+busy.PublisherToken, "")
+		return status == 404
+	})
+	if !strings.Contains(d.logs.String(), `msg="channel expired"`) {
+		t.Errorf("expiry not logged:\n%s", d.logs)
+	}
+}
+
+func TestChannelTTLIsOffByDefault(t *testing.T) {
+	d := startDaemon(t)
+	if d.hub.cfg.channelTTL != 0 {
+		t.Errorf("-channel-ttl defaults to %v, want 0 (off)", d.hub.cfg.channelTTL)
+	}
+}
+
+// ---- Channels survive restarts ----
+
+// process is the real daemon in a child process (see TestMain).
+type process struct {
+	*daemon
+	cmd    *exec.Cmd
+	exited chan struct{} // closed once the process has ended
+	err    error         // how it ended
+}
+
+func startProcess(t *testing.T, args ...string) *process {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], append([]string{"-port", "0", "-log-level", "3"}, args...)...)
+	// atexit_sleep_ms: under -race, do not linger a second after exiting.
+	cmd.Env = append(os.Environ(), "GOCKETS_TEST_RUN_MAIN=1", "GORACE=atexit_sleep_ms=0")
+	logs := &addrWatcher{addr: make(chan string, 1)}
+	cmd.Stderr = logs
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start daemon: %v", err)
+	}
+	p := &process{cmd: cmd, exited: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		close(p.exited)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-p.exited
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", logs)
+		}
+	})
+	var addr string
+	select {
+	case addr = <-logs.addr:
+	case <-p.exited:
+		t.Fatalf("daemon exited at start: %v\n%s", p.err, logs)
+	case <-time.After(waitTimeout):
+		t.Fatal("daemon did not log its address")
+	}
+	_, port, _ := net.SplitHostPort(addr)
+	p.daemon = &daemon{t: t, url: "http://127.0.0.1:" + port, logs: &logs.syncBuffer}
+	return p
+}
+
+// signal sends sig and returns how the process ended.
+func (p *process) signal(sig os.Signal) error {
+	p.t.Helper()
+	if err := p.cmd.Process.Signal(sig); err != nil {
+		p.t.Fatal(err)
+	}
+	recv(p.t, p.exited, "the daemon to exit")
+	return p.err
+}
+
+func TestChannelsSurviveKill9(t *testing.T) {
+	state := filepath.Join(t.TempDir(), "state.json")
+	p := startProcess(t, "-state-file", state)
+	a := p.prepare(`{"subscriber_message_hook_url": "domain.com", "tag": "a"}`)
+	b := p.prepare(`{"tag": "b"}`)
+	gone := p.prepare("")
+	p.mustCall("PATCH", "/channel/edit/"+b.PublisherToken, `{"tag": "b2"}`, 200, nil)
+	p.mustCall("DELETE", "/channel/publish/"+gone.PublisherToken, "", 200, nil)
+	want := p.mustCall("GET", "/channel", "", 200, nil)
+
+	if err := p.signal(syscall.SIGKILL); err == nil {
+		t.Fatal("the daemon survived SIGKILL")
+	}
+
+	again := startProcess(t, "-state-file", state)
+	if got := again.mustCall("GET", "/channel", "", 200, nil); got != want {
+		t.Fatalf("after kill -9 and restart:\n got %s\nwant %s", got, want)
+	}
+	for _, ch := range []channelJSON{a, b} {
+		if r := again.publish(ch.PublisherToken, "after restart"); !r.Queued {
+			t.Errorf("publish with an old token: %+v", r)
+		}
+		c := again.dial(ch.SubscriberToken)
+		c.expectText("after restart")
+	}
+}
+
+func TestSIGTERMSavesStateAndExitsZero(t *testing.T) {
+	state := filepath.Join(t.TempDir(), "state.json")
+	p := startProcess(t, "-state-file", state)
+	ch := p.prepare(`{"tag": "kept"}`)
+	c := p.dial(ch.SubscriberToken)
+	stopped := make(chan error, 1)
+	go func() { stopped <- p.signal(syscall.SIGTERM) }()
+	c.expectClose(closeGoingAway)
+	if err := recv(t, stopped, "exit"); err != nil {
+		t.Fatalf("exit after SIGTERM: %v, want status 0", err)
+	}
+	var snap snapshot
+	data, err := os.ReadFile(state)
+	if err != nil || json.Unmarshal(data, &snap) != nil {
+		t.Fatalf("state file after SIGTERM: %v\n%s", err, data)
+	}
+	if len(snap.Channels) != 1 || snap.Channels[0].PublisherToken != ch.PublisherToken || *snap.Channels[0].Tag != "kept" {
+		t.Errorf("state file holds %+v", snap.Channels)
+	}
+	if journal, err := os.ReadFile(state + ".journal"); err != nil || len(journal) != 0 {
+		t.Errorf("journal after a clean stop: %q, %v; want empty", journal, err)
+	}
+}
+
+func TestCorruptStateStopsTheDaemon(t *testing.T) {
+	tests := []struct {
+		name, state, journal, want string
+	}{
+		{"not JSON", "{not json", "", "is corrupt"},
+		{"unknown version", `{"version": 9, "seq": 0, "channels": []}`, "", "has version 9"},
+		{"repeated token", `{"version": 1, "seq": 0, "channels": [
+			{"publisher_token": "A", "subscriber_token": "B", "subscriber_message_hook_url": null, "tag": null},
+			{"publisher_token": "A", "subscriber_token": "C", "subscriber_message_hook_url": null, "tag": null}]}`, "", "repeated token"},
+		{"bad hook URL", `{"version": 1, "seq": 0, "channels": [
+			{"publisher_token": "A", "subscriber_token": "B", "subscriber_message_hook_url": "file:///x", "tag": null}]}`, "", "scheme"},
+		{"journal line", `{"version": 1, "seq": 0, "channels": []}`, "{\"seq\": 1, \"channel\": {}}\ngarbage\n", "corrupt at line 2"},
+		{"a directory", "", "", "is a directory"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			state := filepath.Join(t.TempDir(), "state.json")
+			if tc.name == "a directory" {
+				os.Mkdir(state, 0o700)
+			} else {
+				os.WriteFile(state, []byte(tc.state), 0o600)
+			}
+			if tc.journal != "" {
+				os.WriteFile(state+".journal", []byte(tc.journal), 0o600)
+			}
+			err := run(context.Background(), []string{"-port", "0", "-state-file", state}, os.Getenv, io.Discard, io.Discard)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("run = %v, want an error containing %q", err, tc.want)
+			}
+			if exitStatus(err) != 1 {
+				t.Errorf("exit status %d, want 1", exitStatus(err))
+			}
+			if tc.name != "a directory" {
+				if data, _ := os.ReadFile(state); string(data) != tc.state {
+					t.Errorf("the state file was changed to %q", data)
+				}
+			}
+		})
+	}
+}
+
+func TestMissingStateStartsEmptyAndTornJournalLineIsIgnored(t *testing.T) {
+	dir := t.TempDir()
+	d := startDaemon(t, "-state-file", filepath.Join(dir, "new.json"))
+	d.mustCall("GET", "/channel", "", 200, nil)
+
+	state := filepath.Join(dir, "torn.json")
+	os.WriteFile(state, []byte(`{"version": 1, "seq": 0, "channels": []}`), 0o600)
+	os.WriteFile(state+".journal", []byte(`{"seq":1,"channel":{"publisher_token":"P","subscriber_token":"S","subscriber_message_hook_url":null,"tag":"whole"}}`+"\n"+`{"seq":2,"channel":{"publ`), 0o600)
+	d = startDaemon(t, "-state-file", state)
+	if got := d.mustCall("GET", "/channel", "", 200, nil); got != `{"channels":[{"publisher_token":"P","subscriber_token":"S","subscriber_message_hook_url":null,"tag":"whole","listeners":0}]}`+"\n" {
+		t.Errorf("after a torn journal: %s", got)
+	}
+	if !strings.Contains(d.logs.String(), "partial line") {
+		t.Errorf("torn line not logged:\n%s", d.logs)
+	}
+}
+
+func TestDiskFullWhenSavingState(t *testing.T) {
+	var full atomic.Bool
+	state := filepath.Join(t.TempDir(), "state.json")
+	d := startDaemonWith(t, func(c *config) {
+		c.writeSynced = func(f *os.File, data []byte) error {
+			if full.Load() {
+				f.Write(data[:len(data)/2]) // what a full disk leaves behind
+				return fmt.Errorf("write %s: %w", f.Name(), syscall.ENOSPC)
+			}
+			return writeSynced(f, data)
+		}
+	}, "-state-file", state)
+	kept := d.prepare(`{"tag": "before"}`)
+	before, _ := os.ReadFile(state + ".journal")
+
+	full.Store(true)
+	var got struct{ Type, Message string }
+	d.mustCall("POST", "/channel/prepare", `{"tag": "during"}`, 503, &got)
+	if got.Type != "ERR" || !strings.Contains(got.Message, "no space left on device") {
+		t.Errorf("prepare on a full disk: %+v", got)
+	}
+	if data, _ := os.ReadFile(state); !strings.Contains(string(data), `"channels": []`) {
+		t.Errorf("the snapshot changed: %s", data)
+	}
+	if n := d.hub.stats.stateSaveFailure.Load(); n < 1 {
+		t.Errorf("failures counted: %d", n)
+	}
+	if !strings.Contains(d.logs.String(), "state not saved; channels are kept in memory") {
+		t.Errorf("failure not logged:\n%s", d.logs)
+	}
+	_ = before
+
+	full.Store(false) // space is freed: the next retry writes everything
+	seq := d.hub.store.lastSeq()
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	if err := d.hub.store.wait(ctx, seq); err != nil && !errors.Is(err, syscall.ENOSPC) {
+		t.Fatal(err)
+	}
+	waitFor(t, "the retry to save", func() bool { return d.hub.store.wait(ctx, seq) == nil })
+	channels, _, err := loadState(state, d.hub.log)
+	if err != nil || len(channels) != 2 || channels[0].PublisherToken != kept.PublisherToken || *channels[1].Tag != "during" {
+		t.Errorf("after the disk recovered: %+v, %v", channels, err)
+	}
+}
+
+func TestStateChangesShareWrites(t *testing.T) {
+	const channels, clients = 10000, 50
+	var journalWrites, snapshotWrites atomic.Int64
+	state := filepath.Join(t.TempDir(), "state.json")
+	d := startDaemonWith(t, func(c *config) {
+		c.writeSynced = func(f *os.File, data []byte) error {
+			if strings.HasSuffix(f.Name(), ".journal") {
+				journalWrites.Add(1)
+			} else {
+				snapshotWrites.Add(1)
+			}
+			return writeSynced(f, data)
+		}
+	}, "-state-file", state)
+	var wg sync.WaitGroup
+	for range clients {
+		wg.Go(func() {
+			for range channels / clients {
+				d.prepare(`{"tag": "burst"}`)
+			}
+		})
+	}
+	wg.Wait()
+	t.Logf("%d prepares: %d journal writes, %d snapshot writes", channels, journalWrites.Load(), snapshotWrites.Load())
+	if n := snapshotWrites.Load(); n > channels/journalLimit+2 {
+		t.Errorf("%d snapshot files written for %d prepares", n, channels)
+	}
+	if n := journalWrites.Load(); n >= channels {
+		t.Errorf("%d journal writes for %d prepares: nothing was coalesced", n, channels)
+	}
+	if err := d.stop(); err != nil {
+		t.Fatal(err)
+	}
+	saved, _, err := loadState(state, d.hub.log)
+	if err != nil || len(saved) != channels {
+		t.Errorf("state file holds %d channels (%v), want %d", len(saved), err, channels)
+	}
+}
+
+// ---- Shutdown ----
+
+func TestShutdownWaitsForQueuedHooks(t *testing.T) {
+	d := startDaemon(t)
+	hook := startHook(t, func(*http.Request) int {
+		time.Sleep(50 * time.Millisecond) // a slow backend
+		return http.StatusOK
+	})
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
+	c := d.dial(ch.SubscriberToken)
+	for i := range 5 {
+		c.send(true, websocket.TextFrame, []byte(strconv.Itoa(i)))
+	}
+	c.send(true, websocket.CloseFrame, closePayload(closeNormal))
+	c.expectClose(closeNormal)
+	if err := d.stop(); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(hook.requests); n != 5 {
+		t.Errorf("%d of 5 queued frames reached the hook before shutdown returned", n)
+	}
+}
+
+// ---- Fuzzing what clients control ----
+
+func FuzzChannelOptions(f *testing.F) {
+	for _, seed := range []string{
+		"", "[]", "{}", "null", `"s"`, "[1]", "{} {}", "\xff",
+		`{"subscriber_message_hook_url": "domain.com", "tag": "t"}`,
+		`{"subscriber_message_hook_url": null, "tag": ""}`,
+		`{"subscriber_message_hook_url": "file:///etc/passwd"}`,
+		`{"subscriber_message_hook_url": "localhost:8080/x?y=1#z"}`,
+		`{"tag": 5}`, `{"unknown": 1}`,
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		opts, err := parseChannelOptions(body)
+		if err != nil {
+			return
+		}
+		if opts.hookURL != nil {
+			checkTarget(t, *opts.hookURL, opts.hookTarget)
+		}
+		if opts.tag != nil && *opts.tag == "" || opts.hookURL != nil && *opts.hookURL == "" {
+			t.Errorf("empty string kept instead of null: %+v", opts)
+		}
+	})
+}
+
+func FuzzHookTarget(f *testing.F) {
+	for _, seed := range []string{
+		"domain.com", "localhost:8080/hook", "127.0.0.1:9", "[::1]:9/x", "http://h/x", "HTTPS://H",
+		"file:///etc/passwd", "gopher://x", "javascript:alert(1)", "mailto:a@b", "http:///x",
+		"//host/x", "/path", "a b", "http://a b/", "ht!tp://x", "x:", ":80", "",
+	} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, raw string) {
+		if target, err := hookTarget(raw); err == nil {
+			checkTarget(t, raw, target)
+		}
+	})
+}
+
+// checkTarget holds for every hook URL the daemon accepts: it is delivered
+// over http or https to a valid host, and is the URL as given, or that URL
+// with "http://" in front.
+func checkTarget(t *testing.T, raw, target string) {
+	t.Helper()
+	u, err := url.Parse(target)
+	if err != nil || u.Scheme != "http" && u.Scheme != "https" || !validHost(u.Hostname()) {
+		t.Errorf("hook %q accepted as %q (%v)", raw, target, err)
+	}
+	if target != raw && target != "http://"+raw {
+		t.Errorf("hook %q became %q", raw, target)
+	}
+}
+
+func FuzzAdminRequests(f *testing.F) {
+	cfg, err := parseConfig(nil, io.Discard)
+	if err != nil {
+		f.Fatal(err)
+	}
+	h, err := newHub(cfg, newLogger(io.Discard, 1))
+	if err != nil {
+		f.Fatal(err)
+	}
+	ch, _ := h.prepare(channelOptions{})
+	for _, seed := range [][3]string{
+		{"GET", "/channel", ""},
+		{"GET", "/channel/" + ch.publisherToken, ""},
+		{"GET", "/channel/show?search=" + url.QueryEscape("^a(b|c)*$"), ""},
+		{"GET", "/channel/show?search=" + url.QueryEscape("("), ""},
+		{"POST", "/channel/prepare", `{"subscriber_message_hook_url": "domain.com", "tag": "t"}`},
+		{"PATCH", "/channel/edit/" + ch.publisherToken, `{"tag": null}`},
+		{"POST", "/channel/publish/" + ch.publisherToken, "data"},
+		{"DELETE", "/channel/publish/nope", ""},
+		{"GET", "/channel/subscribe/" + ch.subscriberToken, ""},
+		{"PUT", "/channel/prepare", ""},
+		{"GET", "/channel/../channel", ""},
+	} {
+		f.Add(seed[0], seed[1], seed[2])
+	}
+	f.Fuzz(func(t *testing.T, method, target, body string) {
+		req, err := http.NewRequest(method, "http://localhost"+target, strings.NewReader(body))
+		if err != nil {
+			return // not a request a client could send
+		}
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		switch rec.Code {
+		case 200, 301, 307, 400, 403, 404, 405, 413, 505:
+		default:
+			t.Errorf("%s %q: status %d", method, target, rec.Code)
+		}
+		if rec.Code/100 == 3 {
+			return // the mux cleaning a path such as /channel/../channel
+		}
+		var v map[string]any
+		if ct := rec.Header().Get("Content-Type"); ct != "application/json" || json.Unmarshal(rec.Body.Bytes(), &v) != nil {
+			t.Errorf("%s %q: %d %q %q", method, target, rec.Code, ct, rec.Body)
+		}
+	})
+}
+
+func FuzzSubscriberFrames(f *testing.F) {
+	frame := func(fin bool, opcode byte, payload string, masked bool) []byte {
+		var buf bytes.Buffer
+		c := &wsClient{t: f, conn: writerConn{&buf}}
+		c.sendFrame(fin, opcode, []byte(payload), masked)
+		return buf.Bytes()
+	}
+	for _, seed := range [][]byte{
+		frame(true, websocket.TextFrame, "hello", true),
+		append(frame(false, websocket.TextFrame, "he", true), frame(true, websocket.ContinuationFrame, "llo", true)...),
+		frame(true, websocket.PingFrame, "p", true),
+		frame(true, websocket.CloseFrame, "\x03\xe8", true),
+		frame(true, websocket.TextFrame, "\xff", true),
+		frame(true, websocket.TextFrame, "x", false),
+		frame(true, websocket.BinaryFrame, strings.Repeat("b", 300), true),
+		{0x82, 0xff, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4}, // 2^63-1 bytes
+		{0x81},
+		[]byte("GET / HTTP/1.1\r\n\r\n"),
+	} {
+		f.Add(seed)
+	}
+	d := startDaemon(f, "-max-message-bytes", "1024")
+	ch := d.prepare("")
+	f.Fuzz(func(t *testing.T, stream []byte) {
+		c := d.in(t).dial(ch.SubscriberToken)
+		if _, err := c.conn.Write(stream); err != nil {
+			return // the daemon hung up already
+		}
+		c.conn.(*net.TCPConn).CloseWrite()
+		// Whatever it was sent, the daemon ends the connection.
+		c.conn.SetReadDeadline(time.Now().Add(waitTimeout))
+		if _, err := io.Copy(io.Discard, c.br); err != nil && !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("connection not ended: %v", err)
+		}
+	})
+}
+
+// writerConn is a net.Conn that only writes, to build frames for seeds.
+type writerConn struct{ io.Writer }
+
+func (writerConn) Read([]byte) (int, error)         { return 0, io.EOF }
+func (writerConn) Close() error                     { return nil }
+func (writerConn) LocalAddr() net.Addr              { return nil }
+func (writerConn) RemoteAddr() net.Addr             { return nil }
+func (writerConn) SetDeadline(time.Time) error      { return nil }
+func (writerConn) SetReadDeadline(time.Time) error  { return nil }
+func (writerConn) SetWriteDeadline(time.Time) error { return nil }
+
+// ---- Soak ----
+
+// TestSoak churns channels, subscribers, publishes and hook frames for the
+// duration in GOCKETS_SOAK, then checks that goroutines and heap come back
+// to where they started. Skipped unless asked for:
+//
+//	GOCKETS_SOAK=60s go test -race -run Soak -v .
+func TestSoak(t *testing.T) {
+	duration, err := time.ParseDuration(os.Getenv("GOCKETS_SOAK"))
+	if err != nil {
+		t.Skip("set GOCKETS_SOAK to a duration, such as 60s, to run the soak test")
+	}
+	var hooked atomic.Int64
+	hookSrv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		hooked.Add(1)
+	}))
+	t.Cleanup(hookSrv.Close)
+	d := startDaemonWith(t, func(c *config) { c.pingInterval = 250 * time.Millisecond },
+		"-log-level", "2", "-channel-ttl", "500ms", "-backlog-ttl", "200ms", "-state-file", filepath.Join(t.TempDir(), "state.json"))
+
+	settle := func() (goroutines int, heap uint64) {
+		http.DefaultClient.CloseIdleConnections()
+		d.hub.hooks.CloseIdleConnections()
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return runtime.NumGoroutine(), ms.HeapAlloc
+	}
+	g0, heap0 := settle()
+
+	var ops struct{ channels, subscribers, publishes, frames, drops, deletes atomic.Int64 }
+	deadline := time.Now().Add(duration)
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Go(func() {
+			for i := 0; time.Now().Before(deadline); i++ {
+				soakRound(t, d, hookSrv.URL, w+i, &ops.channels, &ops.subscribers, &ops.publishes, &ops.frames, &ops.drops, &ops.deletes)
+			}
+		})
+	}
+	wg.Wait()
+
+	// Channels left to expire, subscribers to time out, hooks to drain.
+	waitFor(t, "every channel to expire", func() bool { return len(d.hub.all()) == 0 })
+	var g1 int
+	var heap1 uint64
+	waitFor(t, "goroutines to come back", func() bool {
+		g1, heap1 = settle()
+		return g1 <= g0
+	})
+	t.Logf("soak %v: %d channels, %d subscribers, %d publishes, %d frames to hooks (%d delivered), %d dropped connections, %d deletes",
+		duration, ops.channels.Load(), ops.subscribers.Load(), ops.publishes.Load(), ops.frames.Load(), hooked.Load(), ops.drops.Load(), ops.deletes.Load())
+	t.Logf("goroutines %d -> %d; heap %d KiB -> %d KiB", g0, g1, heap0>>10, heap1>>10)
+	if heap1 > heap0+1<<20 {
+		t.Errorf("heap grew from %d KiB to %d KiB", heap0>>10, heap1>>10)
+	}
+}
+
+// soakRound is one channel's life: subscribers join, messages are
+// published and received in order, frames go to the hook, then the channel
+// ends one of four ways.
+func soakRound(t *testing.T, d *daemon, hookURL string, n int, channels, subscribers, publishes, frames, drops, deletes *atomic.Int64) {
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hookURL))
+	channels.Add(1)
+	clients := make([]*wsClient, 1+n%3)
+	u, _ := url.Parse(d.wsURL(ch.SubscriberToken))
+	for i := range clients {
+		conn, err := net.Dial("tcp", u.Host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close() // not t.Cleanup: that would keep every connection until the end
+		if clients[i], _ = handshake(t, conn, u, nil); clients[i] == nil {
+			t.Fatal("subscribe refused")
+		}
+	}
+	subscribers.Add(int64(len(clients)))
+	for i := range 1 + n%10 {
+		msg := fmt.Sprint("m", i)
+		d.publish(ch.PublisherToken, msg)
+		publishes.Add(1)
+		for _, c := range clients {
+			c.expectText(msg)
+		}
+	}
+	clients[0].send(true, websocket.TextFrame, []byte("to the hook"))
+	frames.Add(1)
+	switch n % 4 {
+	case 0: // clients close
+		for _, c := range clients {
+			c.send(true, websocket.CloseFrame, closePayload(closeNormal))
+			c.expectClose(closeNormal)
+		}
+	case 1: // clients vanish
+		for _, c := range clients {
+			c.conn.Close()
+		}
+		drops.Add(int64(len(clients)))
+	case 2: // the app deletes the channel
+		d.mustCall("DELETE", "/channel/publish/"+ch.PublisherToken, "", 200, nil)
+		deletes.Add(1)
+		for _, c := range clients {
+			c.expectClose(closeNormal)
+		}
+	case 3: // clients stop answering pings, and the channel is left to expire
+		for _, c := range clients {
+			for {
+				if op, _ := c.frame(); op == websocket.CloseFrame {
+					break
+				}
+			}
+			c.conn.Close()
+		}
 	}
 }
