@@ -15,6 +15,8 @@ import (
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/subtle"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -25,6 +27,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/signal"
@@ -43,6 +46,9 @@ import (
 )
 
 // ---- Flags and config ----
+
+// version is what -version prints.
+const version = "0.3.0"
 
 // Timings and sizes that are not flags, each with its reason.
 const (
@@ -67,9 +73,17 @@ const (
 
 type config struct {
 	port         int
+	bind         string
 	hostName     string
 	logLevel     int
 	pingInterval time.Duration
+
+	adminToken     string
+	adminAllow     networks
+	trustProxy     networks
+	allowedOrigins origins
+	tlsCert        string
+	tlsKey         string
 
 	maxMessageBytes   int64 // a published body, a message from a subscriber
 	maxRequestBytes   int64 // the JSON body of prepare and edit
@@ -109,21 +123,38 @@ type usageError struct{ err error }
 func (e usageError) Error() string { return e.err.Error() }
 func (e usageError) Unwrap() error { return e.err }
 
-// parseConfig reads the command line. For -h it prints every flag to stdout
-// and returns flag.ErrHelp.
-func parseConfig(args []string, stdout io.Writer) (config, error) {
+// envPrefix names the environment variables that set flags: -ping-interval
+// is also GOCKETS_PING_INTERVAL. A flag on the command line wins.
+const envPrefix = "GOCKETS_"
+
+func envName(flagName string) string {
+	return envPrefix + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// parseConfig reads the command line, then the environment for the flags
+// it did not set. For -h and -version it prints to stdout and returns
+// flag.ErrHelp: there is nothing more to do.
+func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (config, error) {
 	cfg := config{
 		hook:        hookPolicy{attempts: 5, backoffMin: 250 * time.Millisecond, backoffMax: 4 * time.Second},
 		sendQueue:   sendQueueLimit,
 		writeSynced: writeSynced,
 	}
 	var pingSeconds int
+	var showVersion bool
 	fs := flag.NewFlagSet("gockets", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.IntVar(&cfg.port, "port", 8844, "port of the server, 1-65535 (0 picks a free one)")
+	fs.StringVar(&cfg.bind, "bind", "", "address of the interface to listen on (default: all)")
 	fs.StringVar(&cfg.hostName, "host-name", "localhost", "admin routes answer only requests whose Host is this name (any port)")
 	fs.IntVar(&cfg.logLevel, "log-level", 1, "1 info and error, 2 error only, 3 everything with debug")
 	fs.IntVar(&pingSeconds, "ping-interval", 60, "seconds between pings, and the time allowed for the pong (1-86400)")
+	fs.StringVar(&cfg.adminToken, "admin-token", "", "admin routes require \"Authorization: Bearer TOKEN\" (better set as "+envName("admin-token")+")")
+	fs.Var(&cfg.adminAllow, "admin-allow", "admin routes answer only these networks, such as 10.0.0.0/8,127.0.0.1 (default: any)")
+	fs.Var(&cfg.trustProxy, "trust-proxy", "proxies whose X-Forwarded-For names the client, for -admin-allow (default: none)")
+	fs.Var(&cfg.allowedOrigins, "allowed-origins", "browser origins that may subscribe, such as https://*.example.com,http://localhost:8080 (default: any)")
+	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "serve https and wss with this certificate (PEM), with -tls-key")
+	fs.StringVar(&cfg.tlsKey, "tls-key", "", "private key (PEM) of -tls-cert")
 	fs.Int64Var(&cfg.maxMessageBytes, "max-message-bytes", 1<<20, "largest message either way: a publish body (413 above), a subscriber message (closed with 1009 above)")
 	fs.Int64Var(&cfg.maxRequestBytes, "max-request-bytes", 64<<10, "largest body of prepare and edit (413 above)")
 	fs.IntVar(&cfg.maxHeaderBytes, "max-header-bytes", 32<<10, "largest request header (431 above)")
@@ -132,13 +163,14 @@ func parseConfig(args []string, stdout io.Writer) (config, error) {
 	fs.DurationVar(&cfg.writeTimeout, "write-timeout", 30*time.Second, "time to write a reply (not WebSockets)")
 	fs.DurationVar(&cfg.idleTimeout, "idle-timeout", 2*time.Minute, "how long an idle keep-alive connection stays open")
 	fs.DurationVar(&cfg.hook.timeout, "hook-timeout", 5*time.Second, "time a hook has to answer one POST")
-	fs.StringVar(&cfg.hookSecret, "hook-secret", "", "sign every hook request with HMAC-SHA256 under this secret (see README)")
+	fs.StringVar(&cfg.hookSecret, "hook-secret", "", "sign every hook request with HMAC-SHA256 under this secret (better set as "+envName("hook-secret")+")")
 	fs.StringVar(&cfg.stateFile, "state-file", "", "keep the channels in this file so that they survive restarts (default: in memory only)")
 	fs.IntVar(&cfg.backlog, "backlog", 100, "messages kept per channel while it has no subscriber, for the next one (0-1000)")
 	fs.DurationVar(&cfg.backlogTTL, "backlog-ttl", time.Minute, "how long a kept message waits for a subscriber")
 	fs.DurationVar(&cfg.channelTTL, "channel-ttl", 0, "delete a channel after this long without subscriber or publish (0: never)")
+	fs.BoolVar(&showVersion, "version", false, "print the version and exit")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: gockets [flags]\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: gockets [flags]\n\nEvery flag can also be set in the environment: -ping-interval as %s.\n\nFlags:\n", envName("ping-interval"))
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -152,39 +184,184 @@ func parseConfig(args []string, stdout io.Writer) (config, error) {
 	if fs.NArg() > 0 {
 		return cfg, usageError{fmt.Errorf("unexpected argument %q: every setting is a flag", fs.Arg(0))}
 	}
+	// The environment, for what the command line left alone.
+	onCommandLine := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { onCommandLine[f.Name] = true })
+	source := map[string]string{} // flag name -> what set it, for messages
+	var envErr error
+	fs.VisitAll(func(f *flag.Flag) {
+		source[f.Name] = "-" + f.Name
+		value := getenv(envName(f.Name))
+		if onCommandLine[f.Name] || value == "" || envErr != nil {
+			return
+		}
+		source[f.Name] = envName(f.Name)
+		if err := fs.Set(f.Name, value); err != nil {
+			envErr = fmt.Errorf("%s=%q: %w", envName(f.Name), value, err)
+		}
+	})
+	if envErr != nil {
+		return cfg, usageError{envErr}
+	}
+	if showVersion {
+		fmt.Fprintln(stdout, "gockets", version)
+		return cfg, flag.ErrHelp
+	}
 	for _, err := range []error{
-		inRange("port", cfg.port, 0, 65535),
-		inRange("log-level", cfg.logLevel, 1, 3),
-		inRange("ping-interval", pingSeconds, 1, 86400),
-		inRange("max-message-bytes", cfg.maxMessageBytes, 1, 64<<20),
-		inRange("max-request-bytes", cfg.maxRequestBytes, 1<<10, 16<<20),
-		inRange("max-header-bytes", cfg.maxHeaderBytes, 1<<10, 1<<20),
-		inRange("read-header-timeout", cfg.readHeaderTimeout, time.Millisecond, time.Hour),
-		inRange("read-timeout", cfg.readTimeout, time.Millisecond, 24*time.Hour),
-		inRange("write-timeout", cfg.writeTimeout, time.Millisecond, 24*time.Hour),
-		inRange("idle-timeout", cfg.idleTimeout, time.Millisecond, 24*time.Hour),
-		inRange("hook-timeout", cfg.hook.timeout, time.Millisecond, 10*time.Minute),
-		inRange("backlog", cfg.backlog, 0, 1000),
-		inRange("backlog-ttl", cfg.backlogTTL, time.Millisecond, 7*24*time.Hour),
-		inRange("channel-ttl", cfg.channelTTL, 0, 365*24*time.Hour),
+		inRange(source["port"], cfg.port, 0, 65535),
+		inRange(source["log-level"], cfg.logLevel, 1, 3),
+		inRange(source["ping-interval"], pingSeconds, 1, 86400),
+		inRange(source["max-message-bytes"], cfg.maxMessageBytes, 1, 64<<20),
+		inRange(source["max-request-bytes"], cfg.maxRequestBytes, 1<<10, 16<<20),
+		inRange(source["max-header-bytes"], cfg.maxHeaderBytes, 1<<10, 1<<20),
+		inRange(source["read-header-timeout"], cfg.readHeaderTimeout, time.Millisecond, time.Hour),
+		inRange(source["read-timeout"], cfg.readTimeout, time.Millisecond, 24*time.Hour),
+		inRange(source["write-timeout"], cfg.writeTimeout, time.Millisecond, 24*time.Hour),
+		inRange(source["idle-timeout"], cfg.idleTimeout, time.Millisecond, 24*time.Hour),
+		inRange(source["hook-timeout"], cfg.hook.timeout, time.Millisecond, 10*time.Minute),
+		inRange(source["backlog"], cfg.backlog, 0, 1000),
+		inRange(source["backlog-ttl"], cfg.backlogTTL, time.Millisecond, 7*24*time.Hour),
+		inRange(source["channel-ttl"], cfg.channelTTL, 0, 365*24*time.Hour),
 	} {
 		if err != nil {
 			return cfg, usageError{err}
 		}
 	}
-	if strings.TrimSpace(cfg.hostName) == "" {
-		return cfg, usageError{errors.New("-host-name must not be empty")}
+	switch {
+	case strings.TrimSpace(cfg.hostName) == "":
+		return cfg, usageError{fmt.Errorf("%s must not be empty", source["host-name"])}
+	case (cfg.tlsCert == "") != (cfg.tlsKey == ""):
+		return cfg, usageError{errors.New("-tls-cert and -tls-key go together")}
+	case cfg.bind != "" && net.ParseIP(cfg.bind) == nil && !validHost(cfg.bind):
+		return cfg, usageError{fmt.Errorf("%s %q is not an address", source["bind"], cfg.bind)}
 	}
 	cfg.pingInterval = time.Duration(pingSeconds) * time.Second
 	return cfg, nil
 }
 
-// inRange refuses a flag value outside [lo, hi], naming the flag.
+// inRange refuses a flag value outside [lo, hi], naming the flag or the
+// environment variable that set it.
 func inRange[T int | int64 | time.Duration](name string, v, lo, hi T) error {
 	if v < lo || v > hi {
-		return fmt.Errorf("-%s %v is out of range: use %v to %v", name, v, lo, hi)
+		return fmt.Errorf("%s %v is out of range: use %v to %v", name, v, lo, hi)
 	}
 	return nil
+}
+
+// networks is a flag: a comma-separated list of networks (CIDR) or single
+// addresses.
+type networks []netip.Prefix
+
+func (n *networks) String() string {
+	parts := make([]string, len(*n))
+	for i, p := range *n {
+		parts[i] = p.String()
+	}
+	return strings.Join(parts, ",")
+}
+
+func (n *networks) Set(list string) error {
+	*n = nil
+	for _, part := range strings.Split(list, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		if prefix, err := netip.ParsePrefix(part); err == nil {
+			*n = append(*n, prefix.Masked())
+		} else if addr, err := netip.ParseAddr(part); err == nil {
+			*n = append(*n, netip.PrefixFrom(addr.Unmap(), addr.Unmap().BitLen()))
+		} else {
+			return fmt.Errorf("%q is neither a network (10.0.0.0/8) nor an address", part)
+		}
+	}
+	return nil
+}
+
+func (n networks) contain(addr netip.Addr) bool {
+	addr = addr.Unmap()
+	for _, p := range n {
+		if p.Contains(addr) {
+			return true
+		}
+	}
+	return false
+}
+
+// origins is a flag: a comma-separated list of allowed browser origins,
+// scheme://host[:port], where the host may start with "*." for any
+// subdomain. Empty, or "*", allows every origin.
+type origins []origin
+
+type origin struct {
+	scheme, host, port string // host without "*." when sub
+	sub                bool   // host is "*.host": any subdomain of it
+}
+
+func (o *origins) String() string {
+	parts := make([]string, len(*o))
+	for i, p := range *o {
+		host := p.host
+		if p.sub {
+			host = "*." + host
+		}
+		parts[i] = p.scheme + "://" + net.JoinHostPort(host, p.port)
+	}
+	return strings.Join(parts, ",")
+}
+
+func (o *origins) Set(list string) error {
+	*o = nil
+	for _, part := range strings.Split(list, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" || part == "*" {
+			if part == "*" {
+				*o = nil
+				return nil
+			}
+			continue
+		}
+		sub := strings.Contains(part, "://*.")
+		pattern, ok := parseOrigin(strings.Replace(part, "://*.", "://", 1))
+		if !ok || strings.HasPrefix(pattern.host, ".") || strings.HasSuffix(pattern.host, ".") {
+			return fmt.Errorf("%q is not an origin such as https://app.example.com or https://*.example.com", part)
+		}
+		pattern.sub = sub
+		*o = append(*o, pattern)
+	}
+	return nil
+}
+
+// parseOrigin splits an Origin header, filling in the default port.
+func parseOrigin(s string) (origin, bool) {
+	u, err := url.Parse(s)
+	if err != nil || u.Scheme != "http" && u.Scheme != "https" || u.Host == "" || u.Path != "" && u.Path != "/" || u.RawQuery != "" || u.User != nil {
+		return origin{}, false
+	}
+	port := u.Port()
+	if port == "" {
+		port = map[string]string{"http": "80", "https": "443"}[u.Scheme]
+	}
+	return origin{scheme: u.Scheme, host: strings.ToLower(u.Hostname()), port: port}, validHost(u.Hostname())
+}
+
+// allow reports whether a browser's Origin header may subscribe. Clients
+// that send none (PHP, node, curl) may.
+func (o origins) allow(header string) bool {
+	if len(o) == 0 || header == "" {
+		return true
+	}
+	got, ok := parseOrigin(header)
+	if !ok {
+		return false
+	}
+	for _, p := range o {
+		if p.scheme == got.scheme && p.port == got.port &&
+			(!p.sub && p.host == got.host || p.sub && strings.HasSuffix(got.host, "."+p.host)) {
+			return true
+		}
+	}
+	return false
 }
 
 // newLogger maps -log-level to slog levels: 1 info, 2 error, 3 debug.
@@ -1712,15 +1889,60 @@ func (r *headerRecorder) Header() http.Header         { return r.header }
 func (r *headerRecorder) Write(p []byte) (int, error) { return len(p), nil }
 func (r *headerRecorder) WriteHeader(code int)        { r.code = code }
 
-// admin locks a route to requests whose Host names -host-name.
+// admin guards a route. The Host lock is the original's and stays, but a
+// client picks its own Host header: the locks that hold are the address
+// allow-list and the bearer token.
 func (h *hub) admin(next http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		if !hostMatches(r.Host, h.cfg.hostName) {
+		switch {
+		case !hostMatches(r.Host, h.cfg.hostName):
 			reply(w, http.StatusForbidden, "ERR", "admin routes answer only to host "+h.cfg.hostName)
-			return
+		case len(h.cfg.adminAllow) > 0 && !h.cfg.adminAllow.contain(h.clientAddr(r)):
+			reply(w, http.StatusForbidden, "ERR", "admin routes are not open to your address")
+		case h.cfg.adminToken != "" && !h.authorized(r):
+			w.Header().Set("WWW-Authenticate", `Bearer realm="gockets"`)
+			reply(w, http.StatusUnauthorized, "ERR", "admin routes need the header Authorization: Bearer <admin token>")
+		default:
+			next(w, r)
 		}
-		next(w, r)
 	}
+}
+
+// authorized compares the bearer token with -admin-token in constant time;
+// hashing both first hides the token's length too.
+func (h *hub) authorized(r *http.Request) bool {
+	scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return false
+	}
+	got, want := sha256.Sum256([]byte(strings.TrimSpace(token))), sha256.Sum256([]byte(h.cfg.adminToken))
+	return subtle.ConstantTimeCompare(got[:], want[:]) == 1
+}
+
+// clientAddr is the TCP peer, or, when the peer is a -trust-proxy, the
+// address it names in X-Forwarded-For: the rightmost that is not itself a
+// trusted proxy. A header a client wrote counts only behind such a proxy.
+func (h *hub) clientAddr(r *http.Request) netip.Addr {
+	peer, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return netip.Addr{}
+	}
+	addr := peer.Addr().Unmap()
+	forwarded := r.Header.Values("X-Forwarded-For")
+	if !h.cfg.trustProxy.contain(addr) || len(forwarded) == 0 {
+		return addr
+	}
+	hops := strings.Split(strings.Join(forwarded, ","), ",")
+	for i := len(hops) - 1; i >= 0; i-- {
+		hop, err := netip.ParseAddr(strings.TrimSpace(hops[i]))
+		if err != nil {
+			return netip.Addr{} // a garbled header: trust none of it
+		}
+		if addr = hop.Unmap(); !h.cfg.trustProxy.contain(addr) {
+			break
+		}
+	}
+	return addr
 }
 
 // hostMatches compares a Host header, with any port, to a name.
@@ -1918,6 +2140,10 @@ func (h *hub) handleDelete(w http.ResponseWriter, r *http.Request) {
 // any upgrade. Our Handshake, unlike websocket.Handler's, accepts clients
 // without an Origin header (PHP, node, curl).
 func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
+	if origin := r.Header.Get("Origin"); !h.cfg.allowedOrigins.allow(origin) {
+		reply(w, http.StatusForbidden, "ERR", "origin "+origin+" may not subscribe (see -allowed-origins)")
+		return
+	}
 	ch := h.bySubscriberToken(r.PathValue("subscriber_token"))
 	if ch == nil {
 		notFound(w, "subscriber")
@@ -1979,8 +2205,7 @@ func exitStatus(err error) int {
 
 // run is the daemon: it serves until ctx ends, then shuts down gracefully.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	_ = getenv
-	cfg, err := parseConfig(args, stdout)
+	cfg, err := parseConfig(args, getenv, stdout)
 	if errors.Is(err, flag.ErrHelp) {
 		return nil
 	}
@@ -1992,13 +2217,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", net.JoinHostPort("", strconv.Itoa(cfg.port)))
-	if err != nil {
-		return fmt.Errorf("listen: %w", err)
-	}
 	srv := newServer(cfg, h, log)
+	ln, err := listen(cfg, srv)
+	if err != nil {
+		return err
+	}
 	h.start()
-	log.Info("gockets listening", "addr", ln.Addr().String(), "host_name", cfg.hostName, "ping_interval", cfg.pingInterval)
+	log.Info("gockets listening", "addr", ln.Addr().String(), "tls", cfg.tlsCert != "", "host_name", cfg.hostName, "ping_interval", cfg.pingInterval)
+	if addr, ok := ln.Addr().(*net.TCPAddr); ok && !addr.IP.IsLoopback() && cfg.adminToken == "" && len(cfg.adminAllow) == 0 {
+		log.Warn("the admin API is open to anyone who can reach this port: set -admin-token or -admin-allow, or -bind 127.0.0.1", "addr", ln.Addr().String())
+	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 
@@ -2010,6 +2238,28 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	log.Info("shutting down")
 	return shutdown(srv, h)
+}
+
+// listen opens -bind:-port, with TLS when -tls-cert is set.
+func listen(cfg config, srv *http.Server) (net.Listener, error) {
+	var cert tls.Certificate
+	if cfg.tlsCert != "" {
+		var err error
+		if cert, err = tls.LoadX509KeyPair(cfg.tlsCert, cfg.tlsKey); err != nil {
+			return nil, fmt.Errorf("load TLS certificate: %w", err)
+		}
+	}
+	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.bind, strconv.Itoa(cfg.port)))
+	if err != nil {
+		return nil, fmt.Errorf("listen: %w", err)
+	}
+	if cfg.tlsCert == "" {
+		return ln, nil
+	}
+	// HTTP/1.1 only: a WebSocket upgrade hijacks the connection, which an
+	// HTTP/2 stream cannot be.
+	srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12, NextProtos: []string{"http/1.1"}}
+	return tls.NewListener(ln, srv.TLSConfig), nil
 }
 
 // newServer is the HTTP server with the limits of cfg. The timeouts guard

@@ -4,13 +4,20 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -64,7 +71,7 @@ func startDaemon(t testing.TB, args ...string) *daemon {
 // a sub-second ping interval.
 func startDaemonWith(t testing.TB, tweak func(*config), args ...string) *daemon {
 	t.Helper()
-	cfg, err := parseConfig(args, io.Discard)
+	cfg, err := parseConfig(args, func(string) string { return "" }, io.Discard)
 	if err != nil {
 		t.Fatalf("parseConfig(%q): %v", args, err)
 	}
@@ -127,12 +134,19 @@ func (d *daemon) call(method, path, body string) (int, http.Header, string) {
 
 func (d *daemon) callHost(host, method, path, body string) (int, http.Header, string) {
 	d.t.Helper()
+	return d.request(http.DefaultClient, method, path, body, func(r *http.Request) { r.Host = host })
+}
+
+// request makes any request with client; edit sets what call does not.
+func (d *daemon) request(client *http.Client, method, path, body string, edit func(*http.Request)) (int, http.Header, string) {
+	d.t.Helper()
 	req, err := http.NewRequest(method, d.url+path, strings.NewReader(body))
 	if err != nil {
 		d.t.Fatalf("new request: %v", err)
 	}
-	req.Host = host
-	resp, err := http.DefaultClient.Do(req)
+	req.Host = "localhost"
+	edit(req)
+	resp, err := client.Do(req)
 	if err != nil {
 		d.t.Fatalf("%s %s: %v", method, path, err)
 	}
@@ -1840,7 +1854,7 @@ func TestCorruptStateStopsTheDaemon(t *testing.T) {
 			if tc.journal != "" {
 				os.WriteFile(state+".journal", []byte(tc.journal), 0o600)
 			}
-			err := run(context.Background(), []string{"-port", "0", "-state-file", state}, os.Getenv, io.Discard, io.Discard)
+			err := run(context.Background(), []string{"-port", "0", "-state-file", state}, func(string) string { return "" }, io.Discard, io.Discard)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("run = %v, want an error containing %q", err, tc.want)
 			}
@@ -2038,7 +2052,7 @@ func checkTarget(t *testing.T, raw, target string) {
 }
 
 func FuzzAdminRequests(f *testing.F) {
-	cfg, err := parseConfig(nil, io.Discard)
+	cfg, err := parseConfig(nil, func(string) string { return "" }, io.Discard)
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -2246,5 +2260,394 @@ func soakRound(t *testing.T, d *daemon, hookURL string, n int, channels, subscri
 			}
 			c.conn.Close()
 		}
+	}
+}
+
+// ---- Security ----
+
+// clientFrom is an HTTP client whose connections come from addr, another
+// address of the loopback network.
+func clientFrom(t *testing.T, addr string) *http.Client {
+	dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(addr)}}
+	transport := &http.Transport{DialContext: dialer.DialContext}
+	t.Cleanup(transport.CloseIdleConnections)
+	return &http.Client{Transport: transport}
+}
+
+func TestAdminRoutesNeedTokenAndAllowedAddress(t *testing.T) {
+	const token = "correct-horse-battery-staple"
+	near, far := clientFrom(t, "127.0.0.1"), clientFrom(t, "127.0.0.2")
+	type attempt struct {
+		name   string
+		client *http.Client
+		host   string
+		auth   string
+		want   int // 0: the route's own answer
+	}
+	configs := []struct {
+		name     string
+		args     []string
+		attempts []attempt
+	}{
+		{"token", []string{"-admin-token", token}, []attempt{
+			{"no credentials", near, "localhost", "", 401},
+			{"wrong token", near, "localhost", "Bearer nope", 401},
+			{"token without Bearer", near, "localhost", token, 401},
+			{"right token", near, "localhost", "Bearer " + token, 0},
+			{"right token, other address", far, "localhost", "Bearer " + token, 0},
+			{"spoofed Host, no token", far, "localhost:8844", "", 401},
+			{"right token, wrong Host", near, "evil.example", "Bearer " + token, 403},
+		}},
+		{"allow-list", []string{"-admin-allow", "127.0.0.1/32"}, []attempt{
+			{"allowed address", near, "localhost", "", 0},
+			{"disallowed address", far, "localhost", "", 403},
+			{"spoofed Host, disallowed address", far, "LOCALHOST:1", "Bearer " + token, 403},
+		}},
+		{"both", []string{"-admin-token", token, "-admin-allow", "127.0.0.1"}, []attempt{
+			{"no credentials", near, "localhost", "", 401},
+			{"wrong token", near, "localhost", "bearer nope", 401},
+			{"right token", near, "localhost", "bearer " + token, 0},
+			{"allowed address, no token", near, "localhost", "", 401},
+			{"disallowed address, right token", far, "localhost", "Bearer " + token, 403},
+			{"spoofed Host", far, "localhost", "", 403},
+		}},
+	}
+	for _, cfg := range configs {
+		t.Run(cfg.name, func(t *testing.T) {
+			d := startDaemon(t, cfg.args...)
+			for _, route := range adminRoutes(d) {
+				for _, a := range cfg.attempts {
+					method, path, ok := route()
+					status, header, body := d.request(a.client, method, path, "{}", func(r *http.Request) {
+						r.Host = a.host
+						if a.auth != "" {
+							r.Header.Set("Authorization", a.auth)
+						}
+					})
+					want := a.want
+					if want == 0 {
+						want = ok
+					}
+					if status != want {
+						t.Errorf("%s %s, %s: %d %s; want %d", method, path, a.name, status, body, want)
+					}
+					if status == 401 && header.Get("WWW-Authenticate") != `Bearer realm="gockets"` {
+						t.Errorf("401 without WWW-Authenticate: %q", header.Get("WWW-Authenticate"))
+					}
+					if ct := header.Get("Content-Type"); ct != "application/json" {
+						t.Errorf("%s %s: Content-Type %q", method, path, ct)
+					}
+				}
+			}
+		})
+	}
+}
+
+// adminRoutes lists every admin route; each call gives a request on a
+// channel of its own (delete deletes it) and the status it answers when let in.
+func adminRoutes(d *daemon) []func() (method, path string, ok int) {
+	fresh := func() *channel {
+		ch, _ := d.hub.prepare(channelOptions{})
+		return ch
+	}
+	return []func() (string, string, int){
+		func() (string, string, int) { return "POST", "/channel/prepare", 200 },
+		func() (string, string, int) { return "GET", "/channel", 200 },
+		func() (string, string, int) { return "GET", "/channel/" + fresh().publisherToken, 200 },
+		func() (string, string, int) { return "POST", "/channel/publish/" + fresh().publisherToken, 200 },
+		func() (string, string, int) { return "DELETE", "/channel/publish/" + fresh().publisherToken, 200 },
+		func() (string, string, int) { return "GET", "/channel/show?search=x", 200 },
+		func() (string, string, int) { return "GET", "/channel/show/" + fresh().publisherToken, 200 },
+		func() (string, string, int) { return "PATCH", "/channel/edit/" + fresh().publisherToken, 200 },
+	}
+}
+
+func TestForwardedForCountsOnlyFromTrustedProxies(t *testing.T) {
+	d := startDaemon(t, "-admin-allow", "10.0.0.0/8", "-trust-proxy", "127.0.0.2")
+	proxy, other := clientFrom(t, "127.0.0.2"), clientFrom(t, "127.0.0.3")
+	tests := []struct {
+		name      string
+		client    *http.Client
+		forwarded []string
+		want      int
+	}{
+		{"trusted proxy, allowed client", proxy, []string{"10.1.2.3"}, 200},
+		{"trusted proxy, client spoofs the first hop", proxy, []string{"10.9.9.9, 192.0.2.7"}, 403},
+		{"trusted proxy, disallowed client", proxy, []string{"192.0.2.7"}, 403},
+		{"trusted proxy, two headers", proxy, []string{"192.0.2.7", "10.1.2.3"}, 200},
+		{"trusted proxy, garbled header", proxy, []string{"10.1.2.3, not-an-ip"}, 403},
+		{"trusted proxy, no header: the proxy itself", proxy, nil, 403},
+		{"untrusted peer claims an allowed client", other, []string{"10.1.2.3"}, 403},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			d := d.in(t)
+			status, _, body := d.request(tc.client, "GET", "/channel", "", func(r *http.Request) {
+				for _, f := range tc.forwarded {
+					r.Header.Add("X-Forwarded-For", f)
+				}
+			})
+			if status != tc.want {
+				t.Errorf("status %d %s, want %d", status, body, tc.want)
+			}
+		})
+	}
+}
+
+func TestOpenAdminAPIIsWarnedAbout(t *testing.T) {
+	tests := []struct {
+		args []string
+		warn bool
+	}{
+		{nil, true},
+		{[]string{"-bind", "127.0.0.1"}, false},
+		{[]string{"-admin-token", "t"}, false},
+		{[]string{"-admin-allow", "127.0.0.1"}, false},
+	}
+	for _, tc := range tests {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			logs := runDaemonLogs(t, tc.args...)
+			if got := strings.Count(logs.String(), "the admin API is open to anyone who can reach this port"); got != map[bool]int{true: 1, false: 0}[tc.warn] {
+				t.Errorf("warned %d times, want warn=%v:\n%s", got, tc.warn, logs)
+			}
+		})
+	}
+}
+
+// runDaemonLogs starts run() and returns its log once it listens.
+func runDaemonLogs(t *testing.T, args ...string) *addrWatcher {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	logs := &addrWatcher{addr: make(chan string, 1)}
+	result := make(chan error, 1)
+	go func() {
+		result <- run(ctx, append([]string{"-port", "0"}, args...), func(string) string { return "" }, io.Discard, logs)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := recv(t, result, "run to return"); err != nil {
+			t.Errorf("run: %v", err)
+		}
+	})
+	select {
+	case <-logs.addr:
+	case err := <-result:
+		t.Fatalf("run ended at start: %v", err)
+	}
+	return logs
+}
+
+func TestBindListensOnOneAddress(t *testing.T) {
+	addr, _ := runDaemon(t, "-bind", "127.0.0.1")
+	_, port, _ := net.SplitHostPort(addr)
+	if conn, err := net.Dial("tcp", "127.0.0.1:"+port); err != nil {
+		t.Errorf("not listening on 127.0.0.1: %v", err)
+	} else {
+		conn.Close()
+	}
+	if conn, err := net.Dial("tcp", "127.0.0.2:"+port); err == nil {
+		conn.Close()
+		t.Error("listening on 127.0.0.2 too")
+	}
+}
+
+func TestAllowedOriginsGuardSubscribe(t *testing.T) {
+	d := startDaemon(t, "-allowed-origins", "https://*.example.com, http://localhost:8080,https://app.test")
+	ch := d.prepare("")
+	tests := []struct {
+		origin string
+		ok     bool
+	}{
+		{"", true}, // PHP, node, curl
+		{"https://a.example.com", true},
+		{"https://a.b.example.com", true},
+		{"https://A.EXAMPLE.COM", true},
+		{"https://example.com", false},
+		{"https://evilexample.com", false},
+		{"https://a.example.com.evil.org", false},
+		{"http://a.example.com", false},
+		{"https://a.example.com:8443", false},
+		{"http://localhost:8080", true},
+		{"http://localhost", false},
+		{"https://app.test", true},
+		{"https://app.test:443", true},
+		{"null", false},
+		{"https://app.test/path", false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.origin, func(t *testing.T) {
+			header := http.Header{}
+			if tc.origin != "" {
+				header.Set("Origin", tc.origin)
+			}
+			c, resp := dialWS(t, d.wsURL(ch.SubscriberToken), header)
+			if (c != nil) != tc.ok {
+				t.Fatalf("origin %q: %s, want allowed=%v", tc.origin, resp.Status, tc.ok)
+			}
+			if c == nil {
+				body, _ := io.ReadAll(resp.Body)
+				if resp.StatusCode != 403 || resp.Header.Get("Content-Type") != "application/json" || !strings.Contains(string(body), "may not subscribe") {
+					t.Errorf("refused with %s %q", resp.Status, body)
+				}
+			}
+		})
+	}
+	for _, bad := range []string{"example.com", "ftp://x.org", "https://", "https://*.", "https://a.com/x"} {
+		if _, err := parseConfig([]string{"-allowed-origins", bad}, func(string) string { return "" }, io.Discard); err == nil {
+			t.Errorf("-allowed-origins %q accepted", bad)
+		}
+	}
+}
+
+// selfSigned writes a certificate for 127.0.0.1 and its key, and returns
+// their paths and a pool that trusts it.
+func selfSigned(t *testing.T) (certFile, keyFile string, pool *x509.CertPool) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "gockets test"},
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		DNSNames:     []string{"localhost"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600)
+	cert, _ := x509.ParseCertificate(der)
+	pool = x509.NewCertPool()
+	pool.AddCert(cert)
+	return certFile, keyFile, pool
+}
+
+func TestTLSServesHTTPSAndWSS(t *testing.T) {
+	certFile, keyFile, pool := selfSigned(t)
+	addr, _ := runDaemon(t, "-tls-cert", certFile, "-tls-key", keyFile)
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	t.Cleanup(client.CloseIdleConnections)
+	d := &daemon{t: t, url: "https://" + addr}
+
+	status, _, body := d.request(client, "POST", "/channel/prepare", "", func(*http.Request) {})
+	var ch channelJSON
+	if status != 200 || json.Unmarshal([]byte(body), &ch) != nil {
+		t.Fatalf("prepare over https: %d %s", status, body)
+	}
+	cfg, _ := websocket.NewConfig("wss://"+addr+"/channel/subscribe/"+ch.SubscriberToken, "https://localhost")
+	cfg.TlsConfig = &tls.Config{RootCAs: pool}
+	ws, err := websocket.DialConfig(cfg)
+	if err != nil {
+		t.Fatalf("subscribe over wss: %v", err)
+	}
+	defer ws.Close()
+	if status, _, body := d.request(client, "POST", "/channel/publish/"+ch.PublisherToken, "secret news", func(*http.Request) {}); status != 200 {
+		t.Fatalf("publish over https: %d %s", status, body)
+	}
+	if got := receive(t, ws); got != "secret news" {
+		t.Errorf("received %q over wss", got)
+	}
+	if resp, err := http.Get("http://" + addr + "/channel"); err == nil {
+		resp.Body.Close()
+		if resp.StatusCode != 400 {
+			t.Errorf("plain http on the TLS port: %s, want 400", resp.Status)
+		}
+	}
+
+	err = run(context.Background(), []string{"-port", "0", "-tls-cert", certFile}, func(string) string { return "" }, io.Discard, io.Discard)
+	if err == nil || exitStatus(err) != 2 {
+		t.Errorf("-tls-cert without -tls-key: %v", err)
+	}
+	err = run(context.Background(), []string{"-port", "0", "-tls-cert", keyFile, "-tls-key", keyFile}, func(string) string { return "" }, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "load TLS certificate") {
+		t.Errorf("a key as certificate: %v", err)
+	}
+}
+
+func TestTokensNeverReachTheLogs(t *testing.T) {
+	const adminToken, hookSecret = "ADMIN-TOKEN-VALUE", "HOOK-SECRET-VALUE"
+	hook := startHook(t, func(*http.Request) int { return http.StatusInternalServerError })
+	d := startDaemonWith(t, func(c *config) {
+		c.hook = hookPolicy{timeout: time.Second, attempts: 2, backoffMin: time.Millisecond, backoffMax: time.Millisecond}
+	}, "-log-level", "3", "-admin-token", adminToken, "-hook-secret", hookSecret)
+	auth := func(r *http.Request) { r.Header.Set("Authorization", "Bearer "+adminToken) }
+	_, _, body := d.request(http.DefaultClient, "POST", "/channel/prepare", fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url), auth)
+	var ch channelJSON
+	json.Unmarshal([]byte(body), &ch)
+	d.request(http.DefaultClient, "PATCH", "/channel/edit/"+ch.PublisherToken, `{"tag": "x"}`, auth)
+	d.request(http.DefaultClient, "GET", "/channel/"+ch.PublisherToken, "", func(*http.Request) {}) // 401
+	c := d.dial(ch.SubscriberToken)
+	d.request(http.DefaultClient, "POST", "/channel/publish/"+ch.PublisherToken, "m", auth)
+	c.expectText("m")
+	c.send(true, websocket.TextFrame, []byte("to a failing hook"))
+	waitFor(t, "the hook failure", func() bool { return d.hub.stats.hookFailed.Load() == 1 })
+	c.sendFrame(true, websocket.TextFrame, []byte("unmasked"), false)
+	c.expectClose(closeProtocolError)
+	d.request(http.DefaultClient, "DELETE", "/channel/publish/"+ch.PublisherToken, "", auth)
+	dialWS(t, d.wsURL(ch.SubscriberToken), nil) // 404 now
+
+	logs := d.logs.String()
+	for _, secret := range []string{ch.PublisherToken, ch.SubscriberToken, adminToken, hookSecret} {
+		if strings.Contains(logs, secret) {
+			t.Errorf("%q reached the log:\n%s", secret, logs)
+		}
+	}
+	if !strings.Contains(logs, "channel="+fingerprint(ch.SubscriberToken)) {
+		t.Errorf("the channel's fingerprint is not in the log:\n%s", logs)
+	}
+}
+
+// ---- Configuration from the environment ----
+
+func TestFlagsComeFromTheEnvironmentToo(t *testing.T) {
+	env := map[string]string{
+		"GOCKETS_PING_INTERVAL": "7",
+		"GOCKETS_HOST_NAME":     "from-env",
+		"GOCKETS_ADMIN_TOKEN":   "env-token",
+		"GOCKETS_BACKLOG_TTL":   "3s",
+		"GOCKETS_ADMIN_ALLOW":   "10.0.0.0/8",
+	}
+	getenv := func(k string) string { return env[k] }
+	cfg, err := parseConfig([]string{"-host-name", "from-flag"}, getenv, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.pingInterval != 7*time.Second || cfg.hostName != "from-flag" || cfg.adminToken != "env-token" ||
+		cfg.backlogTTL != 3*time.Second || cfg.adminAllow.String() != "10.0.0.0/8" {
+		t.Errorf("config %+v", cfg)
+	}
+
+	for _, tc := range []struct{ name, value, want string }{
+		{"GOCKETS_PORT", "99999", "GOCKETS_PORT 99999 is out of range"},
+		{"GOCKETS_PING_INTERVAL", "soon", `GOCKETS_PING_INTERVAL="soon": parse error`},
+		{"GOCKETS_ADMIN_ALLOW", "10.0.0.0/33", `GOCKETS_ADMIN_ALLOW="10.0.0.0/33"`},
+		{"GOCKETS_HOST_NAME", " ", "GOCKETS_HOST_NAME must not be empty"},
+	} {
+		err := run(context.Background(), nil, func(k string) string { return map[string]string{tc.name: tc.value}[k] }, io.Discard, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), tc.want) || exitStatus(err) != 2 {
+			t.Errorf("%s=%q: %v, want exit 2 and %q", tc.name, tc.value, err, tc.want)
+		}
+	}
+}
+
+func TestVersion(t *testing.T) {
+	var stdout bytes.Buffer
+	if err := run(context.Background(), []string{"-version"}, func(string) string { return "" }, &stdout, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if stdout.String() != "gockets "+version+"\n" {
+		t.Errorf("-version printed %q", stdout.String())
 	}
 }
