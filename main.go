@@ -17,6 +17,7 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/tls"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -33,6 +34,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -58,6 +60,9 @@ const (
 	// closeGrace is how long we wait for a peer's close frame after ours
 	// before dropping the TCP connection.
 	closeGrace = time.Second
+	// sseHeartbeat is the longest an SSE stream stays silent: proxies close
+	// streams idle for a minute (nginx's proxy_read_timeout).
+	sseHeartbeat = 30 * time.Second
 	// sendQueueLimit is how many messages may wait for one subscriber; a
 	// subscriber that falls further behind is disconnected, never waited for.
 	sendQueueLimit = 1024
@@ -95,6 +100,7 @@ type config struct {
 
 	hook       hookPolicy
 	hookSecret string
+	hookEvents bool
 
 	stateFile  string
 	backlog    int           // messages kept per channel while nobody listens
@@ -164,6 +170,7 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	fs.DurationVar(&cfg.idleTimeout, "idle-timeout", 2*time.Minute, "how long an idle keep-alive connection stays open")
 	fs.DurationVar(&cfg.hook.timeout, "hook-timeout", 5*time.Second, "time a hook has to answer one POST")
 	fs.StringVar(&cfg.hookSecret, "hook-secret", "", "sign every hook request with HMAC-SHA256 under this secret (better set as "+envName("hook-secret")+")")
+	fs.BoolVar(&cfg.hookEvents, "hook-events", false, "also POST a JSON event to the hook when a subscriber connects or disconnects")
 	fs.StringVar(&cfg.stateFile, "state-file", "", "keep the channels in this file so that they survive restarts (default: in memory only)")
 	fs.IntVar(&cfg.backlog, "backlog", 100, "messages kept per channel while it has no subscriber, for the next one (0-1000)")
 	fs.DurationVar(&cfg.backlogTTL, "backlog-ttl", time.Minute, "how long a kept message waits for a subscriber")
@@ -410,7 +417,8 @@ type hub struct {
 type stats struct {
 	published, delivered, queued                atomic.Int64
 	droppedBacklogFull, droppedExpired          atomic.Int64
-	droppedNoSubscriber, slowDisconnects        atomic.Int64
+	droppedNoSubscriber, droppedSlow            atomic.Int64
+	slowDisconnects                             atomic.Int64
 	hookDelivered, hookRetried, hookFailed      atomic.Int64
 	hookQueueFull, hookNoHook, stateSaveFailure atomic.Int64
 }
@@ -434,9 +442,10 @@ type channel struct {
 
 // message is one published body, read once and shared by every subscriber.
 type message struct {
-	id   uint64 // increasing per channel
-	data []byte
-	at   time.Time
+	id     uint64 // increasing per channel
+	data   []byte
+	binary bool // sent as a binary frame (SSE: base64)
+	at     time.Time
 }
 
 // kept is a message in a channel's backlog; delivered once some subscriber
@@ -717,36 +726,39 @@ func (ch *channel) expire(now time.Time, ttl time.Duration, st *stats) {
 	}
 }
 
-// join adds a subscriber and hands it what waited in the backlog. It fails
-// when the channel is gone or we shut down. closing is read under ch.mu,
-// which closeAll takes after setting it, so a subscriber either sees it or
-// is seen by closeAll.
-func (h *hub) join(ch *channel, s *subscriber) bool {
+// join adds a subscriber and hands it what waited in the backlog: what no
+// subscriber has had yet, or, for an SSE client that resumes, everything
+// after the last id it saw. It fails when the channel is gone or we shut
+// down. closing is read under ch.mu, which closeAll takes after setting it,
+// so a subscriber either sees it or is seen by closeAll. It returns the
+// listeners counting s.
+func (h *hub) join(ch *channel, s *subscriber, resume bool, lastID uint64) (int, bool) {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
 	if h.closing.Load() || ch.deleted {
-		return false
+		return 0, false
 	}
 	now := time.Now()
 	ch.expire(now, h.cfg.backlogTTL, &h.stats)
-	for i := range ch.backlog {
-		if !ch.backlog[i].delivered && s.enqueue(ch.backlog[i].message) {
+	for i, k := range ch.backlog {
+		if (resume && k.id > lastID || !resume && !k.delivered) && s.enqueue(k.message) {
 			ch.backlog[i].delivered = true
 		}
 	}
 	s.index = len(ch.subscribers)
 	ch.subscribers = append(ch.subscribers, s)
 	ch.lastActive = now
-	return true
+	return len(ch.subscribers), true
 }
 
-// leave removes a subscriber, if still there, so listeners is exact.
-func (ch *channel) leave(s *subscriber) {
+// leave removes a subscriber, if still there, so listeners is exact, and
+// returns the listeners left.
+func (ch *channel) leave(s *subscriber) int {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
 	i := s.index
 	if i < 0 {
-		return
+		return len(ch.subscribers)
 	}
 	last := len(ch.subscribers) - 1
 	ch.subscribers[i] = ch.subscribers[last]
@@ -755,6 +767,7 @@ func (ch *channel) leave(s *subscriber) {
 	ch.subscribers = ch.subscribers[:last]
 	s.index = -1
 	ch.lastActive = time.Now()
+	return len(ch.subscribers)
 }
 
 // hookDestination is where frames from this channel's subscribers go now.
@@ -1343,26 +1356,30 @@ type farewell struct {
 	abort  bool
 }
 
-// subscriber is one WebSocket connection to a channel. The handler goroutine
-// reads; one writer goroutine owns every write, pings included; a hook worker
-// runs while frames wait for the hook. stop ends them.
+// subscriber is one connection to a channel: a WebSocket or an SSE stream.
+// One writer owns every write to it, pings included; for a WebSocket the
+// handler goroutine reads, and the writer is a goroutine of its own; for
+// SSE there is nothing to read and the handler goroutine is the writer. A
+// hook worker runs while messages wait for the hook. stop ends them all.
 type subscriber struct {
-	id  uint64
-	hub *hub
-	ch  *channel
-	ws  *websocket.Conn
-	log *slog.Logger
+	id        uint64
+	hub       *hub
+	ch        *channel
+	transport string // "websocket" or "sse"
+	log       *slog.Logger
+	gone      <-chan struct{} // SSE: closed when the client goes; a WebSocket's reader sees that
 
 	index int // in ch.subscribers, guarded by ch.mu; -1 once removed
 
 	mu          sync.Mutex
+	peer        peer       // set when serving starts
 	queue       []*message // waiting for the writer
 	pong        []byte     // payload of a ping to answer, nil if none
 	bye         farewell   // set once, by stop
 	hookQueue   []hookItem
 	hookRunning bool
 	hookDropped bool   // a drop was logged; cleared once the queue drains
-	frames      uint64 // messages read from the peer, for delivery ids
+	hookSeq     uint64 // items queued for the hook, for delivery ids
 
 	wake     chan struct{} // the writer has something to do
 	quit     chan struct{} // closed by stop
@@ -1370,48 +1387,64 @@ type subscriber struct {
 	done     chan struct{} // closed when the writer has finished
 }
 
-func (h *hub) newSubscriber(ch *channel) *subscriber {
+func (h *hub) newSubscriber(ch *channel, transport string, gone <-chan struct{}) *subscriber {
 	id := h.lastSubscriberID.Add(1)
 	return &subscriber{
-		id:    id,
-		hub:   h,
-		ch:    ch,
-		log:   h.log.With("channel", fingerprint(ch.subscriberToken), "subscriber", id),
-		index: -1,
-		wake:  make(chan struct{}, 1),
-		quit:  make(chan struct{}),
-		done:  make(chan struct{}),
+		id:        id,
+		hub:       h,
+		ch:        ch,
+		transport: transport,
+		log:       h.log.With("channel", fingerprint(ch.subscriberToken), "subscriber", id, "transport", transport),
+		gone:      gone,
+		index:     -1,
+		wake:      make(chan struct{}, 1),
+		quit:      make(chan struct{}),
+		done:      make(chan struct{}),
 	}
 }
 
-// serve is the life of one subscriber after the upgrade, run by the handler
-// goroutine: it reads until the end, then waits for the writer to finish.
-func (s *subscriber) serve(ws *websocket.Conn) {
-	s.mu.Lock()
-	s.ws = ws
-	s.mu.Unlock()
-	s.log.Debug("subscriber connected")
+// serveWebSocket is the life of a WebSocket subscriber after the upgrade,
+// run by the handler goroutine: it reads until the end, then waits for the
+// writer to finish.
+func (s *subscriber) serveWebSocket(ws *websocket.Conn) {
+	s.begin(wsPeer{ws})
 	go s.writeLoop()
-	s.stop(s.readLoop())
+	s.stop(s.readLoop(ws))
 	<-s.done
 	s.log.Debug("subscriber disconnected", "code", s.bye.code, "reason", s.bye.reason)
+}
+
+// serveSSE is the life of an SSE subscriber, run by the handler goroutine,
+// which writes: an event stream has nothing to read.
+func (s *subscriber) serveSSE(p *ssePeer) {
+	s.begin(p)
+	s.writeLoop()
+	s.log.Debug("subscriber disconnected", "reason", s.bye.reason)
+}
+
+func (s *subscriber) begin(p peer) {
+	s.mu.Lock()
+	s.peer = p
+	s.mu.Unlock()
+	s.log.Debug("subscriber connected")
 }
 
 // stop ends the subscriber once: it leaves the channel at once, so that
 // listeners is exact, and the writer says goodbye.
 func (s *subscriber) stop(bye farewell) {
 	s.stopOnce.Do(func() {
-		s.ch.leave(s)
+		listeners := s.ch.leave(s)
 		s.mu.Lock()
 		s.bye = bye
-		if bye.abort && s.ws != nil {
+		if bye.abort && s.peer != nil {
 			// Cut the write under way: the peer is not reading.
-			if err := s.ws.SetWriteDeadline(time.Now()); err != nil {
+			if err := s.peer.setWriteDeadline(time.Now()); err != nil {
 				s.log.Debug("set write deadline", "err", err)
 			}
 		}
 		s.mu.Unlock()
 		close(s.quit)
+		s.presence("disconnect", listeners, &bye)
 	})
 }
 
@@ -1441,13 +1474,13 @@ func (s *subscriber) signal() {
 // peer, pongs included, proves it alive for two more ping intervals. After
 // a bad frame it sends our close and discards what follows until the
 // peer's close, so that the peer can read ours.
-func (s *subscriber) readLoop() farewell {
+func (s *subscriber) readLoop(ws *websocket.Conn) farewell {
 	var msg []byte
 	var msgType byte
 	inMessage, failed := false, false
 	for {
 		s.extendReadDeadline()
-		fr, err := s.ws.NewFrameReader()
+		fr, err := ws.NewFrameReader()
 		if isTimeout(err) {
 			return farewell{closeGoingAway, "ping timeout", false, false}
 		} else if err != nil {
@@ -1516,7 +1549,7 @@ func (s *subscriber) extendReadDeadline() {
 	if s.bye.code != 0 {
 		return
 	}
-	if err := s.ws.SetReadDeadline(time.Now().Add(2 * s.hub.cfg.pingInterval)); err != nil {
+	if err := s.peer.setReadDeadline(time.Now().Add(2 * s.hub.cfg.pingInterval)); err != nil {
 		s.log.Debug("set read deadline", "err", err)
 	}
 }
@@ -1591,12 +1624,19 @@ func isTimeout(err error) bool {
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
-// writeLoop is the only goroutine that writes to the connection: queued
-// messages, pongs, pings every interval, and the close frame at the end.
+// writeLoop is the only writer to the peer: queued messages, pongs, pings
+// (SSE: heartbeats) every interval, and the goodbye at the end.
 func (s *subscriber) writeLoop() {
 	defer close(s.done)
-	ping := time.NewTicker(s.hub.cfg.pingInterval)
+	interval := s.hub.cfg.pingInterval
+	if s.transport == "sse" {
+		// A comment line often enough that proxies (nginx: 60 s) keep an
+		// idle stream open.
+		interval = min(interval, sseHeartbeat)
+	}
+	ping := time.NewTicker(interval)
 	defer ping.Stop()
+	gone := s.gone
 	var batch []*message
 	for {
 		var err error
@@ -1604,7 +1644,12 @@ func (s *subscriber) writeLoop() {
 		case <-s.wake:
 			batch, err = s.flush(batch)
 		case <-ping.C:
-			err = s.write(websocket.PingFrame, nil, writeWait)
+			if err = s.armWrite(writeWait); err == nil {
+				err = s.peer.ping()
+			}
+		case <-gone:
+			gone = nil
+			s.stop(farewell{closeGoingAway, "connection lost", false, true})
 		case <-s.quit:
 			s.finish(batch)
 			return
@@ -1625,22 +1670,32 @@ func (s *subscriber) flush(batch []*message) ([]*message, error) {
 	s.pong = nil
 	s.mu.Unlock()
 	if pong != nil {
-		if err := s.write(websocket.PongFrame, pong, writeWait); err != nil {
+		if err := s.armWrite(writeWait); err != nil {
+			return batch, err
+		}
+		if err := s.peer.pong(pong); err != nil {
 			return batch, err
 		}
 	}
 	for i, m := range batch {
-		if err := s.write(websocket.TextFrame, m.data, writeWait); err != nil {
+		if err := s.armWrite(writeWait); err != nil {
+			return batch, err
+		}
+		if err := s.peer.send(m); err != nil {
 			return batch, err
 		}
 		batch[i] = nil
+	}
+	if err := s.peer.flush(); err != nil {
+		return batch, err
 	}
 	s.hub.stats.delivered.Add(int64(len(batch)))
 	return batch[:0], nil
 }
 
 // finish says goodbye: what is still queued when the close is orderly, then
-// the close frame; then it lets the reader wait briefly for the peer's.
+// the close frame (SSE: a close event); then it lets a WebSocket's reader
+// wait briefly for the peer's close frame.
 func (s *subscriber) finish(batch []*message) {
 	s.mu.Lock()
 	bye := s.bye
@@ -1649,39 +1704,25 @@ func (s *subscriber) finish(batch []*message) {
 		if _, err := s.flush(batch); err != nil {
 			s.log.Debug("final flush", "err", err)
 		}
+	} else {
+		s.mu.Lock()
+		s.hub.stats.droppedSlow.Add(int64(len(s.queue) + len(batch)))
+		s.mu.Unlock()
 	}
 	if !bye.abort {
-		if err := s.writeClose(bye); err != nil {
-			s.log.Debug("write close", "err", err)
+		err := s.armWrite(closeGrace)
+		if err == nil {
+			err = s.peer.goodbye(bye)
+		}
+		if err != nil {
+			s.log.Debug("write goodbye", "err", err)
 		}
 	}
-	// The reader is blocked on the socket: give the peer closeGrace to answer.
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err := s.ws.SetReadDeadline(time.Now().Add(closeGrace)); err != nil {
+	if err := s.peer.setReadDeadline(time.Now().Add(closeGrace)); err != nil {
 		s.log.Debug("set read deadline", "err", err)
 	}
-}
-
-func (s *subscriber) writeClose(bye farewell) error {
-	payload := make([]byte, 2, 2+len(bye.reason))
-	payload[0], payload[1] = byte(bye.code>>8), byte(bye.code)
-	return s.write(websocket.CloseFrame, append(payload, bye.reason...), closeGrace)
-}
-
-// write sends one frame within wait.
-func (s *subscriber) write(opcode byte, payload []byte, wait time.Duration) error {
-	if err := s.armWrite(wait); err != nil {
-		return err
-	}
-	w, err := s.ws.NewFrameWriter(opcode)
-	if err != nil {
-		return fmt.Errorf("new frame: %w", err)
-	}
-	if _, err := w.Write(payload); err != nil {
-		return fmt.Errorf("write frame: %w", err)
-	}
-	return w.Close()
 }
 
 // armWrite sets the write deadline, unless stop has cut writes short.
@@ -1691,31 +1732,172 @@ func (s *subscriber) armWrite(wait time.Duration) error {
 	if s.bye.abort {
 		return errors.New("connection abandoned")
 	}
-	if err := s.ws.SetWriteDeadline(time.Now().Add(wait)); err != nil {
+	if err := s.peer.setWriteDeadline(time.Now().Add(wait)); err != nil {
 		return fmt.Errorf("set write deadline: %w", err)
 	}
 	return nil
 }
 
-// ---- Hook delivery ----
-
-// hookItem is one frame on its way to the backend.
-type hookItem struct {
-	target  string
-	channel string // the subscriber token, for X-Gockets-Channel
-	id      string // unique per frame: a backend can drop a retried duplicate
-	body    []byte
-	binary  bool
+// peer is the far end of a subscriber. The writer calls it; deadlines may
+// also be set by stop and by a WebSocket's reader, under s.mu.
+type peer interface {
+	send(m *message) error // flush sends what send wrote
+	flush() error
+	ping() error
+	pong(payload []byte) error
+	goodbye(bye farewell) error
+	setWriteDeadline(t time.Time) error
+	setReadDeadline(t time.Time) error
 }
 
-// forward queues a frame for the channel's hook. Frames from one connection
-// are delivered in order by one worker goroutine, which runs only while
-// frames wait.
+// wsPeer writes frames through x/net/websocket, which flushes each one as
+// it is written.
+type wsPeer struct{ ws *websocket.Conn }
+
+func (p wsPeer) send(m *message) error {
+	if m.binary {
+		return p.frame(websocket.BinaryFrame, m.data)
+	}
+	return p.frame(websocket.TextFrame, m.data)
+}
+
+func (p wsPeer) flush() error              { return nil }
+func (p wsPeer) ping() error               { return p.frame(websocket.PingFrame, nil) }
+func (p wsPeer) pong(payload []byte) error { return p.frame(websocket.PongFrame, payload) }
+
+func (p wsPeer) goodbye(bye farewell) error {
+	payload := make([]byte, 2, 2+len(bye.reason))
+	payload[0], payload[1] = byte(bye.code>>8), byte(bye.code)
+	return p.frame(websocket.CloseFrame, append(payload, bye.reason...))
+}
+
+func (p wsPeer) setWriteDeadline(t time.Time) error { return p.ws.SetWriteDeadline(t) }
+func (p wsPeer) setReadDeadline(t time.Time) error  { return p.ws.SetReadDeadline(t) }
+
+func (p wsPeer) frame(opcode byte, payload []byte) error {
+	w, err := p.ws.NewFrameWriter(opcode)
+	if err != nil {
+		return fmt.Errorf("new frame: %w", err)
+	}
+	if _, err := w.Write(payload); err != nil {
+		return fmt.Errorf("write frame: %w", err)
+	}
+	return w.Close()
+}
+
+// ssePeer writes Server-Sent Events. Each message is an event with its id,
+// so that a reconnecting EventSource resumes where it stopped
+// (Last-Event-ID); binary messages are sent base64 as "event: binary".
+type ssePeer struct {
+	w   http.ResponseWriter
+	rc  *http.ResponseController
+	buf []byte
+}
+
+func (p *ssePeer) send(m *message) error {
+	b := strconv.AppendUint(append(p.buf[:0], "id: "...), m.id, 10)
+	data := m.data
+	if m.binary {
+		b = append(b, "\nevent: binary"...)
+		data = base64.StdEncoding.AppendEncode(nil, m.data)
+	}
+	for line := range bytes.SplitSeq(data, []byte("\n")) {
+		b = append(append(b, "\ndata: "...), line...)
+	}
+	p.buf = append(b, "\n\n"...)
+	_, err := p.w.Write(p.buf)
+	return err
+}
+
+func (p *ssePeer) flush() error { return p.rc.Flush() }
+
+func (p *ssePeer) ping() error { return p.write(": ping\n\n") }
+
+func (p *ssePeer) pong([]byte) error { return nil }
+
+func (p *ssePeer) goodbye(bye farewell) error {
+	data, err := json.Marshal(struct {
+		Code   int    `json:"code"`
+		Reason string `json:"reason"`
+	}{bye.code, bye.reason})
+	if err != nil {
+		return err
+	}
+	return p.write("event: close\ndata: " + string(data) + "\n\n")
+}
+
+func (p *ssePeer) setWriteDeadline(t time.Time) error { return p.rc.SetWriteDeadline(t) }
+func (p *ssePeer) setReadDeadline(time.Time) error    { return nil }
+
+func (p *ssePeer) write(s string) error {
+	if _, err := io.WriteString(p.w, s); err != nil {
+		return err
+	}
+	return p.rc.Flush()
+}
+
+// ---- Hook delivery ----
+
+// hookItem is one message from a subscriber, or one presence event, on its
+// way to the backend.
+type hookItem struct {
+	target      string
+	channel     string // the subscriber token, for X-Gockets-Channel
+	id          string // unique per item: a backend can drop a retried duplicate
+	contentType string
+	event       string // "connect" or "disconnect" for presence events, else ""
+	body        []byte
+}
+
+// forward queues a message from the subscriber for the channel's hook.
 func (s *subscriber) forward(body []byte, binary bool) {
+	contentType := "text/plain; charset=utf-8"
+	if binary {
+		contentType = "application/octet-stream"
+	}
+	s.push(contentType, "", body)
+}
+
+// presenceEvent is the body of a presence event.
+type presenceEvent struct {
+	Event     string `json:"event"`
+	Channel   string `json:"channel"`
+	Transport string `json:"transport"`
+	Listeners int    `json:"listeners"`
+	Code      int    `json:"code,omitempty"`
+	Reason    string `json:"reason,omitempty"`
+}
+
+// presence tells the hook, with -hook-events, that this subscriber
+// connected or disconnected. It goes through the subscriber's own queue, so
+// the backend sees connect first, then the subscriber's messages, then
+// disconnect.
+func (s *subscriber) presence(event string, listeners int, bye *farewell) {
+	if !s.hub.cfg.hookEvents {
+		return
+	}
+	e := presenceEvent{Event: event, Channel: s.ch.subscriberToken, Transport: s.transport, Listeners: listeners}
+	if bye != nil {
+		e.Code, e.Reason = bye.code, bye.reason
+	}
+	body, err := json.Marshal(e)
+	if err != nil {
+		s.log.Error("encode presence event", "err", err)
+		return
+	}
+	s.push("application/json", event, body)
+}
+
+// push queues an item for the channel's hook. Items from one connection are
+// delivered in order by one worker goroutine, which runs only while items
+// wait.
+func (s *subscriber) push(contentType, event string, body []byte) {
 	target := s.ch.hookDestination()
 	if target == "" {
-		s.hub.stats.hookNoHook.Add(1)
-		s.log.Debug("frame dropped: channel has no hook", "bytes", len(body))
+		if event == "" {
+			s.hub.stats.hookNoHook.Add(1)
+			s.log.Debug("frame dropped: channel has no hook", "bytes", len(body))
+		}
 		return
 	}
 	s.mu.Lock()
@@ -1728,9 +1910,9 @@ func (s *subscriber) forward(body []byte, binary bool) {
 		}
 		return
 	}
-	s.frames++
-	id := fmt.Sprintf("%s.%d.%d", s.hub.bootID, s.id, s.frames)
-	s.hookQueue = append(s.hookQueue, hookItem{target, s.ch.subscriberToken, id, body, binary})
+	s.hookSeq++
+	id := fmt.Sprintf("%s.%d.%d", s.hub.bootID, s.id, s.hookSeq)
+	s.hookQueue = append(s.hookQueue, hookItem{target, s.ch.subscriberToken, id, contentType, event, body})
 	if !s.hookRunning {
 		s.hookRunning = true
 		s.hub.hookWorkers.Add(1)
@@ -1793,11 +1975,11 @@ func (h *hub) post(item hookItem) (retry bool, err error) {
 	if err != nil {
 		return false, fmt.Errorf("build request: %w", err)
 	}
-	req.Header.Set("Content-Type", "text/plain; charset=utf-8")
-	if item.binary {
-		req.Header.Set("Content-Type", "application/octet-stream")
+	req.Header.Set("Content-Type", item.contentType)
+	if item.event != "" {
+		req.Header.Set("X-Gockets-Event", item.event)
 	}
-	req.Header.Set("User-Agent", "Gockets")
+	req.Header.Set("User-Agent", "Gockets/"+version)
 	req.Header.Set("X-Gockets-Channel", item.channel)
 	req.Header.Set("X-Gockets-Delivery-Id", item.id)
 	if h.cfg.hookSecret != "" {
@@ -1847,6 +2029,9 @@ func (h *hub) routes() *http.ServeMux {
 	mux.HandleFunc("GET /channel/show", h.admin(h.handleList))
 	mux.HandleFunc("GET /channel/show/{publisher_token}", h.admin(h.handleShow))
 	mux.HandleFunc("PATCH /channel/edit/{publisher_token}", h.admin(h.handleEdit))
+	// For operators.
+	mux.HandleFunc("GET /metrics", h.admin(h.handleMetrics))
+	mux.HandleFunc("GET /healthz", h.handleHealth)
 	return mux
 }
 
@@ -2092,7 +2277,14 @@ func (h *hub) handlePublish(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	n, queued, ok := h.publish(ch, &message{data: body, at: time.Now()})
+	mediaType, _, _ := strings.Cut(r.Header.Get("Content-Type"), ";")
+	binary := strings.EqualFold(strings.TrimSpace(mediaType), "application/octet-stream")
+	if !binary && !utf8.Valid(body) {
+		// A browser drops a WebSocket that sends it text that is not UTF-8.
+		reply(w, http.StatusBadRequest, "ERR", "body is not UTF-8 text: publish binary data with Content-Type: application/octet-stream")
+		return
+	}
+	n, queued, ok := h.publish(ch, &message{data: body, binary: binary, at: time.Now()})
 	if !ok {
 		notFound(w, "publisher")
 		return
@@ -2136,11 +2328,12 @@ func (h *hub) handleDelete(w http.ResponseWriter, r *http.Request) {
 	reply(w, http.StatusOK, "OK", "channel closed and deleted")
 }
 
-// handleSubscribe upgrades to a WebSocket. Unknown tokens get a 404 before
-// any upgrade. Our Handshake, unlike websocket.Handler's, accepts clients
-// without an Origin header (PHP, node, curl).
+// handleSubscribe connects a subscriber: a WebSocket upgrade, or an SSE
+// stream for "Accept: text/event-stream". Unknown tokens and origins
+// outside -allowed-origins are refused before any upgrade.
 func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
-	if origin := r.Header.Get("Origin"); !h.cfg.allowedOrigins.allow(origin) {
+	origin := r.Header.Get("Origin")
+	if !h.cfg.allowedOrigins.allow(origin) {
 		reply(w, http.StatusForbidden, "ERR", "origin "+origin+" may not subscribe (see -allowed-origins)")
 		return
 	}
@@ -2149,10 +2342,19 @@ func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 		notFound(w, "subscriber")
 		return
 	}
-	if !strings.EqualFold(r.Header.Get("Upgrade"), "websocket") {
-		reply(w, http.StatusBadRequest, "ERR", "expected a WebSocket upgrade request")
-		return
+	switch {
+	case strings.EqualFold(r.Header.Get("Upgrade"), "websocket"):
+		h.subscribeWebSocket(w, r, ch)
+	case strings.Contains(r.Header.Get("Accept"), "text/event-stream"):
+		h.subscribeSSE(w, r, ch)
+	default:
+		reply(w, http.StatusBadRequest, "ERR", "expected a WebSocket upgrade, or Accept: text/event-stream")
 	}
+}
+
+// subscribeWebSocket upgrades. Our Handshake, unlike websocket.Handler's,
+// accepts clients without an Origin header (PHP, node, curl).
+func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *channel) {
 	if _, ok := w.(http.Hijacker); !ok {
 		reply(w, http.StatusHTTPVersionNotSupported, "ERR", "WebSocket needs HTTP/1.1")
 		return
@@ -2160,19 +2362,122 @@ func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	// Counted before the hijack, while Shutdown still waits for this request.
 	h.connections.Add(1)
 	defer h.connections.Done()
-	s := h.newSubscriber(ch)
+	s := h.newSubscriber(ch, "websocket", nil)
 	websocket.Server{
 		// Joining before the 101 is sent makes listeners count a subscriber
 		// by the time it can see the upgrade.
 		Handshake: func(*websocket.Config, *http.Request) error {
-			if !h.join(ch, s) {
+			listeners, ok := h.join(ch, s, false, 0)
+			if !ok {
 				return errors.New("channel deleted or shutting down")
 			}
+			s.presence("connect", listeners, nil)
 			return nil
 		},
-		Handler: s.serve,
+		Handler: s.serveWebSocket,
 	}.ServeHTTP(w, r)
-	s.stop(farewell{closeGoingAway, "handshake failed", false, false}) // leaves if serve never ran
+	s.stop(farewell{closeGoingAway, "handshake failed", false, false}) // leaves if serving never began
+}
+
+// subscribeSSE streams Server-Sent Events until the client goes, the
+// channel is deleted or we shut down.
+func (h *hub) subscribeSSE(w http.ResponseWriter, r *http.Request, ch *channel) {
+	rc := http.NewResponseController(w)
+	// The stream outlives -read-timeout; the writer sets write deadlines.
+	if err := rc.SetReadDeadline(time.Time{}); err != nil {
+		reply(w, http.StatusInternalServerError, "ERR", "cannot stream: "+err.Error())
+		return
+	}
+	lastID, err := strconv.ParseUint(r.Header.Get("Last-Event-ID"), 10, 64)
+	resume := err == nil
+	h.connections.Add(1)
+	defer h.connections.Done()
+	s := h.newSubscriber(ch, "sse", r.Context().Done())
+	listeners, ok := h.join(ch, s, resume, lastID)
+	if !ok {
+		reply(w, http.StatusServiceUnavailable, "ERR", "channel deleted or shutting down")
+		return
+	}
+	s.presence("connect", listeners, nil)
+	header := w.Header()
+	header.Set("Content-Type", "text/event-stream")
+	header.Set("Cache-Control", "no-cache")
+	header.Set("X-Accel-Buffering", "no") // nginx: pass events on at once
+	if origin := r.Header.Get("Origin"); origin != "" {
+		header.Set("Access-Control-Allow-Origin", origin) // allowed above
+		header.Set("Vary", "Origin")
+	}
+	w.WriteHeader(http.StatusOK)
+	if err := rc.Flush(); err != nil {
+		s.stop(farewell{closeGoingAway, "connection lost", false, true})
+	}
+	s.serveSSE(&ssePeer{w: w, rc: rc})
+}
+
+// handleHealth is for load balancers and systemd: 200 while serving, 503
+// once shutdown has begun. It is open to all.
+func (h *hub) handleHealth(w http.ResponseWriter, _ *http.Request) {
+	if h.closing.Load() {
+		reply(w, http.StatusServiceUnavailable, "ERR", "shutting down")
+		return
+	}
+	reply(w, http.StatusOK, "OK", "serving")
+}
+
+// handleMetrics answers in the Prometheus text exposition format.
+func (h *hub) handleMetrics(w http.ResponseWriter, _ *http.Request) {
+	channels := h.all()
+	bySubscriber := map[string]int64{"websocket": 0, "sse": 0}
+	for _, ch := range channels {
+		ch.mu.Lock()
+		for _, s := range ch.subscribers {
+			bySubscriber[s.transport]++
+		}
+		ch.mu.Unlock()
+	}
+	var mem runtime.MemStats
+	runtime.ReadMemStats(&mem)
+	st := &h.stats
+	var b bytes.Buffer
+	for _, f := range []struct {
+		name, kind, help string
+		samples          []metricSample
+	}{
+		{"gockets_build_info", "gauge", "The version of this daemon.", []metricSample{{`version="` + version + `"`, 1}}},
+		{"gockets_channels", "gauge", "Channels that exist now.", []metricSample{{"", int64(len(channels))}}},
+		{"gockets_subscribers", "gauge", "Subscribers connected now, by transport.", []metricSample{
+			{`transport="sse"`, bySubscriber["sse"]}, {`transport="websocket"`, bySubscriber["websocket"]}}},
+		{"gockets_messages_published_total", "counter", "Messages published.", []metricSample{{"", st.published.Load()}}},
+		{"gockets_messages_delivered_total", "counter", "Messages written to subscribers, one per subscriber.", []metricSample{{"", st.delivered.Load()}}},
+		{"gockets_messages_queued_total", "counter", "Messages kept for the next subscriber because none was connected.", []metricSample{{"", st.queued.Load()}}},
+		{"gockets_messages_dropped_total", "counter", "Messages that reached no subscriber, by reason.", []metricSample{
+			{`reason="backlog_expired"`, st.droppedExpired.Load()}, {`reason="backlog_full"`, st.droppedBacklogFull.Load()},
+			{`reason="no_subscriber"`, st.droppedNoSubscriber.Load()}, {`reason="slow_subscriber"`, st.droppedSlow.Load()}}},
+		{"gockets_slow_subscriber_disconnects_total", "counter", "Subscribers closed because their send queue was full.", []metricSample{{"", st.slowDisconnects.Load()}}},
+		{"gockets_hook_requests_total", "counter", "POSTs to hooks, by result: ok (2xx) or error (no answer, timeout, other status).", []metricSample{
+			{`result="error"`, st.hookRetried.Load() + st.hookFailed.Load()}, {`result="ok"`, st.hookDelivered.Load()}}},
+		{"gockets_hook_dropped_total", "counter", "Subscriber messages and events that never reached a hook, by reason.", []metricSample{
+			{`reason="attempts_spent"`, st.hookFailed.Load()}, {`reason="no_hook"`, st.hookNoHook.Load()}, {`reason="queue_full"`, st.hookQueueFull.Load()}}},
+		{"gockets_state_save_failures_total", "counter", "Failed writes of the state file or its journal.", []metricSample{{"", st.stateSaveFailure.Load()}}},
+		{"go_goroutines", "gauge", "Goroutines that exist now.", []metricSample{{"", int64(runtime.NumGoroutine())}}},
+		{"go_memstats_heap_alloc_bytes", "gauge", "Bytes of heap objects in use or not yet freed.", []metricSample{{"", int64(mem.HeapAlloc)}}},
+	} {
+		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", f.name, f.help, f.name, f.kind)
+		for _, s := range f.samples {
+			if s.labels != "" {
+				fmt.Fprintf(&b, "%s{%s} %d\n", f.name, s.labels, s.value)
+			} else {
+				fmt.Fprintf(&b, "%s %d\n", f.name, s.value)
+			}
+		}
+	}
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	_, _ = w.Write(b.Bytes()) // the scraper is gone if this fails
+}
+
+type metricSample struct {
+	labels string
+	value  int64
 }
 
 // fingerprint names a token in logs without revealing any of it: the first

@@ -2334,7 +2334,7 @@ func TestAdminRoutesNeedTokenAndAllowedAddress(t *testing.T) {
 					if status == 401 && header.Get("WWW-Authenticate") != `Bearer realm="gockets"` {
 						t.Errorf("401 without WWW-Authenticate: %q", header.Get("WWW-Authenticate"))
 					}
-					if ct := header.Get("Content-Type"); ct != "application/json" {
+					if ct := header.Get("Content-Type"); ct != "application/json" && (path != "/metrics" || status != 200) {
 						t.Errorf("%s %s: Content-Type %q", method, path, ct)
 					}
 				}
@@ -2359,6 +2359,7 @@ func adminRoutes(d *daemon) []func() (method, path string, ok int) {
 		func() (string, string, int) { return "GET", "/channel/show?search=x", 200 },
 		func() (string, string, int) { return "GET", "/channel/show/" + fresh().publisherToken, 200 },
 		func() (string, string, int) { return "PATCH", "/channel/edit/" + fresh().publisherToken, 200 },
+		func() (string, string, int) { return "GET", "/metrics", 200 },
 	}
 }
 
@@ -2649,5 +2650,343 @@ func TestVersion(t *testing.T) {
 	}
 	if stdout.String() != "gockets "+version+"\n" {
 		t.Errorf("-version printed %q", stdout.String())
+	}
+}
+
+// ---- Operators: metrics and health ----
+
+// scrape reads /metrics and checks the text exposition format strictly:
+// every sample belongs to a family announced by HELP then TYPE, names and
+// labels are well formed, values are integers, counters end in _total.
+func scrape(t *testing.T, d *daemon) map[string]int64 {
+	t.Helper()
+	status, header, body := d.call("GET", "/metrics", "")
+	if status != 200 || header.Get("Content-Type") != "text/plain; version=0.0.4; charset=utf-8" {
+		t.Fatalf("GET /metrics: %d %q", status, header.Get("Content-Type"))
+	}
+	name := regexp.MustCompile(`^[a-zA-Z_:][a-zA-Z0-9_:]*$`)
+	sampleLine := regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-z_]+="[^"\\]*"(,[a-z_]+="[^"\\]*")*\})? (-?[0-9]+)$`)
+	samples := map[string]int64{}
+	var family, kind string
+	var helped bool
+	for n, line := range strings.Split(strings.TrimSuffix(body, "\n"), "\n") {
+		switch f := strings.Fields(line); {
+		case strings.HasPrefix(line, "# HELP "):
+			if len(f) < 4 || !name.MatchString(f[2]) {
+				t.Fatalf("line %d: bad HELP %q", n+1, line)
+			}
+			family, kind, helped = f[2], "", true
+		case strings.HasPrefix(line, "# TYPE "):
+			if len(f) != 4 || f[2] != family || !helped || f[3] != "counter" && f[3] != "gauge" {
+				t.Fatalf("line %d: TYPE %q does not follow the HELP of %q", n+1, line, family)
+			}
+			kind = f[3]
+			if kind == "counter" != strings.HasSuffix(family, "_total") {
+				t.Errorf("line %d: %s %s: counters, and only they, end in _total", n+1, kind, family)
+			}
+		default:
+			m := sampleLine.FindStringSubmatch(line)
+			if m == nil || m[1] != family || kind == "" {
+				t.Fatalf("line %d: %q is not a sample of %q", n+1, line, family)
+			}
+			v, _ := strconv.ParseInt(m[4], 10, 64)
+			if _, dup := samples[m[1]+m[2]]; dup {
+				t.Fatalf("line %d: %s%s twice", n+1, m[1], m[2])
+			}
+			samples[m[1]+m[2]] = v
+		}
+	}
+	return samples
+}
+
+func TestMetricsAreExactAndMove(t *testing.T) {
+	hook := startHook(t, nil)
+	d := startDaemonWith(t, func(c *config) { c.sendQueue = 1 })
+	before := scrape(t, d)
+	for _, want := range []string{
+		"gockets_channels", `gockets_subscribers{transport="websocket"}`, `gockets_subscribers{transport="sse"}`,
+		"gockets_messages_published_total", "gockets_messages_delivered_total", "gockets_messages_queued_total",
+		`gockets_messages_dropped_total{reason="backlog_full"}`, `gockets_messages_dropped_total{reason="backlog_expired"}`,
+		`gockets_messages_dropped_total{reason="no_subscriber"}`, `gockets_messages_dropped_total{reason="slow_subscriber"}`,
+		`gockets_hook_requests_total{result="ok"}`, `gockets_hook_requests_total{result="error"}`,
+		`gockets_hook_dropped_total{reason="queue_full"}`, `gockets_hook_dropped_total{reason="no_hook"}`, `gockets_hook_dropped_total{reason="attempts_spent"}`,
+		"gockets_slow_subscriber_disconnects_total", "gockets_state_save_failures_total",
+		"go_goroutines", "go_memstats_heap_alloc_bytes", `gockets_build_info{version="` + version + `"}`,
+	} {
+		if _, ok := before[want]; !ok {
+			t.Errorf("no sample %s", want)
+		}
+	}
+
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
+	d.publish(ch.PublisherToken, "kept")
+	ws := d.subscribe(ch.SubscriberToken)
+	events := d.sse(ch.SubscriberToken, "")
+	receive(t, ws)
+	d.publish(ch.PublisherToken, "live")
+	receive(t, ws)
+	events.next()
+	if err := websocket.Message.Send(ws, "to the hook"); err != nil {
+		t.Fatal(err)
+	}
+	recv(t, hook.requests, "hook")
+	waitFor(t, "the hook delivery to be counted", func() bool { return d.hub.stats.hookDelivered.Load() == 1 })
+
+	after := scrape(t, d)
+	for name, delta := range map[string]int64{
+		"gockets_channels":                           1,
+		`gockets_subscribers{transport="websocket"}`: 1,
+		`gockets_subscribers{transport="sse"}`:       1,
+		"gockets_messages_published_total":           2,
+		"gockets_messages_delivered_total":           3, // kept + live to the WebSocket, live to SSE
+		"gockets_messages_queued_total":              1,
+		`gockets_hook_requests_total{result="ok"}`:   1,
+	} {
+		if got := after[name] - before[name]; got != delta {
+			t.Errorf("%s moved by %d, want %d", name, got, delta)
+		}
+	}
+	if after["go_goroutines"] <= 0 || after["go_memstats_heap_alloc_bytes"] <= 0 {
+		t.Errorf("runtime gauges: %d goroutines, %d heap bytes", after["go_goroutines"], after["go_memstats_heap_alloc_bytes"])
+	}
+}
+
+func TestHealthz(t *testing.T) {
+	d := startDaemon(t, "-admin-token", "t", "-admin-allow", "10.0.0.0/8")
+	status, header, body := d.callHost("any.host.example", "GET", "/healthz", "")
+	if status != 200 || body != `{"type":"OK","message":"serving"}`+"\n" || header.Get("Content-Type") != "application/json" {
+		t.Errorf("healthz while serving: %d %s", status, body)
+	}
+	d.hub.closeAll() // shutdown begins
+	if status, _, body := d.call("GET", "/healthz", ""); status != 503 || body != `{"type":"ERR","message":"shutting down"}`+"\n" {
+		t.Errorf("healthz during shutdown: %d %s", status, body)
+	}
+}
+
+// ---- Server-Sent Events ----
+
+type sseClient struct {
+	t    testing.TB
+	conn net.Conn
+	resp *http.Response
+	br   *bufio.Reader
+}
+
+type sseEvent struct{ id, event, data, comment string }
+
+// sse opens an event stream on a raw connection, so that reads can have
+// deadlines; lastID, when not empty, is sent as Last-Event-ID.
+func (d *daemon) sse(token, lastID string) *sseClient {
+	d.t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(d.url, "http://"))
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	d.t.Cleanup(func() { conn.Close() })
+	req, _ := http.NewRequest("GET", d.url+"/channel/subscribe/"+token, nil)
+	req.Header.Set("Accept", "text/event-stream")
+	if lastID != "" {
+		req.Header.Set("Last-Event-ID", lastID)
+	}
+	if err := req.Write(conn); err != nil {
+		d.t.Fatal(err)
+	}
+	conn.SetReadDeadline(time.Now().Add(waitTimeout))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), req)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
+		d.t.Fatalf("event stream: %s %q", resp.Status, resp.Header.Get("Content-Type"))
+	}
+	return &sseClient{t: d.t, conn: conn, resp: resp, br: bufio.NewReader(resp.Body)}
+}
+
+// next returns the next event, comments included.
+func (c *sseClient) next() sseEvent {
+	c.t.Helper()
+	c.conn.SetReadDeadline(time.Now().Add(waitTimeout))
+	var ev sseEvent
+	var data []string
+	for {
+		line, err := c.br.ReadString('\n')
+		if err != nil {
+			c.t.Fatalf("read event: %v", err)
+		}
+		line = strings.TrimSuffix(line, "\n")
+		switch field, value, _ := strings.Cut(line, ": "); {
+		case line == "":
+			ev.data = strings.Join(data, "\n")
+			return ev
+		case strings.HasPrefix(line, ":"):
+			ev.comment = strings.TrimSpace(line[1:])
+		case field == "id":
+			ev.id = value
+		case field == "event":
+			ev.event = value
+		case field == "data":
+			data = append(data, value)
+		default:
+			c.t.Fatalf("unexpected line %q", line)
+		}
+	}
+}
+
+// message returns the next event that is not a comment.
+func (c *sseClient) message() sseEvent {
+	c.t.Helper()
+	for {
+		if ev := c.next(); ev.comment == "" {
+			return ev
+		}
+	}
+}
+
+func TestSSEStreamsMessagesWithIDs(t *testing.T) {
+	d := startDaemonWith(t, func(c *config) { c.pingInterval = 50 * time.Millisecond }, "-read-timeout", "100ms", "-write-timeout", "100ms")
+	ch := d.prepare("")
+	c := d.sse(ch.SubscriberToken, "")
+	if c.resp.Header.Get("Cache-Control") != "no-cache" || c.resp.Header.Get("X-Accel-Buffering") != "no" {
+		t.Errorf("headers %v", c.resp.Header)
+	}
+	if n := d.listeners(ch.PublisherToken); n != 1 {
+		t.Errorf("listeners = %d with an SSE subscriber, want 1", n)
+	}
+	if ev := c.next(); ev.comment != "ping" {
+		t.Errorf("first event %+v, want the heartbeat comment", ev)
+	}
+	for i := range 3 { // 150 ms of heartbeats: past both server timeouts
+		if ev := c.next(); ev.comment != "ping" {
+			t.Fatalf("heartbeat %d: %+v", i, ev)
+		}
+	}
+	d.publish(ch.PublisherToken, "one")
+	d.publish(ch.PublisherToken, "two\nlines")
+	req := func(r *http.Request) { r.Header.Set("Content-Type", "application/octet-stream") }
+	d.request(http.DefaultClient, "POST", "/channel/publish/"+ch.PublisherToken, "\x00\xffbin", req)
+	first, second, third := c.message(), c.message(), c.message()
+	if first.data != "one" || second.data != "two\nlines" || third.event != "binary" || third.data != base64.StdEncoding.EncodeToString([]byte("\x00\xffbin")) {
+		t.Errorf("events %+v %+v %+v", first, second, third)
+	}
+	a, _ := strconv.ParseUint(first.id, 10, 64)
+	b, _ := strconv.ParseUint(second.id, 10, 64)
+	if a == 0 || b != a+1 {
+		t.Errorf("ids %q, %q: want increasing by one", first.id, second.id)
+	}
+
+	d.mustCall("DELETE", "/channel/publish/"+ch.PublisherToken, "", 200, nil)
+	if ev := c.message(); ev.event != "close" || ev.data != `{"code":1000,"reason":"channel deleted"}` {
+		t.Errorf("last event %+v", ev)
+	}
+	if _, err := c.br.ReadByte(); !errors.Is(err, io.EOF) {
+		t.Errorf("stream not ended: %v", err)
+	}
+}
+
+func TestSSEResumesFromLastEventID(t *testing.T) {
+	d := startDaemon(t)
+	ch := d.prepare("")
+	other := d.subscribe(ch.SubscriberToken) // so that messages are delivered, not queued
+	c := d.sse(ch.SubscriberToken, "")
+	d.publish(ch.PublisherToken, "seen")
+	seen := c.message()
+	receive(t, other)
+	c.conn.Close()
+	waitFor(t, "the SSE subscriber to leave", func() bool { return d.listeners(ch.PublisherToken) == 1 })
+
+	for _, m := range []string{"missed 1", "missed 2"} {
+		if r := d.publish(ch.PublisherToken, m); r.Subscribers != 1 {
+			t.Fatalf("publish %q: %+v", m, r)
+		}
+		receive(t, other)
+	}
+	resumed := d.sse(ch.SubscriberToken, seen.id)
+	for _, want := range []string{"missed 1", "missed 2"} {
+		if ev := resumed.message(); ev.data != want {
+			t.Fatalf("resumed with %+v, want %q", ev, want)
+		}
+	}
+	d.publish(ch.PublisherToken, "live")
+	if ev := resumed.message(); ev.data != "live" {
+		t.Errorf("after resuming: %+v, want live (nothing twice)", ev)
+	}
+}
+
+func TestSubscribeAsksForWebSocketOrSSE(t *testing.T) {
+	d := startDaemon(t)
+	ch := d.prepare("")
+	status, _, body := d.call("GET", "/channel/subscribe/"+ch.SubscriberToken, "")
+	if status != 400 || body != `{"type":"ERR","message":"expected a WebSocket upgrade, or Accept: text/event-stream"}`+"\n" {
+		t.Errorf("neither: %d %s", status, body)
+	}
+}
+
+// ---- Binary messages ----
+
+func TestBinaryMessagesBothWays(t *testing.T) {
+	d := startDaemon(t)
+	ch := d.prepare("")
+	c := d.dial(ch.SubscriberToken)
+	binaryBody := "\x00\x01\xfe\xff"
+	for _, ct := range []string{"application/octet-stream", "Application/Octet-Stream; x=y"} {
+		status, _, body := d.request(http.DefaultClient, "POST", "/channel/publish/"+ch.PublisherToken, binaryBody,
+			func(r *http.Request) { r.Header.Set("Content-Type", ct) })
+		if status != 200 {
+			t.Fatalf("binary publish: %d %s", status, body)
+		}
+		if op, p := c.next(); op != websocket.BinaryFrame || string(p) != binaryBody {
+			t.Errorf("got frame %d %q, want binary %q", op, p, binaryBody)
+		}
+	}
+	d.publish(ch.PublisherToken, "text")
+	c.expectText("text")
+	var got struct{ Type, Message string }
+	d.mustCall("POST", "/channel/publish/"+ch.PublisherToken, binaryBody, 400, &got)
+	if !strings.Contains(got.Message, "not UTF-8") {
+		t.Errorf("non-UTF-8 text: %+v", got)
+	}
+}
+
+// ---- Presence events ----
+
+func TestPresenceEventsOncePerChange(t *testing.T) {
+	hook := startHook(t, nil)
+	d := startDaemon(t, "-hook-events")
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
+	event := func(want string, listeners int, code int) {
+		t.Helper()
+		r := recv(t, hook.requests, want+" event")
+		var e presenceEvent
+		if err := json.Unmarshal([]byte(r.body), &e); err != nil || r.header.Get("X-Gockets-Event") != want ||
+			r.header.Get("Content-Type") != "application/json" || e.Event != want || e.Channel != ch.SubscriberToken ||
+			e.Listeners != listeners || e.Code != code {
+			t.Fatalf("got %s %q, want %s with %d listeners, code %d", r.header.Get("X-Gockets-Event"), r.body, want, listeners, code)
+		}
+	}
+
+	a := d.dial(ch.SubscriberToken)
+	event("connect", 1, 0)
+	a.send(true, websocket.TextFrame, []byte("a message"))
+	if r := recv(t, hook.requests, "message"); r.body != "a message" || r.header.Get("X-Gockets-Event") != "" {
+		t.Fatalf("message reached the hook as %q with X-Gockets-Event %q", r.body, r.header.Get("X-Gockets-Event"))
+	}
+	a.send(true, websocket.CloseFrame, closePayload(closeNormal))
+	a.expectClose(closeNormal)
+	event("disconnect", 0, closeNormal) // a client close
+
+	b := d.dial(ch.SubscriberToken)
+	event("connect", 1, 0)
+	b.conn.Close()
+	event("disconnect", 0, closeGoingAway) // a dropped connection
+
+	c := d.dial(ch.SubscriberToken)
+	event("connect", 1, 0)
+	d.mustCall("DELETE", "/channel/publish/"+ch.PublisherToken, "", 200, nil)
+	c.expectClose(closeNormal)
+	event("disconnect", 0, closeNormal) // the channel deleted
+
+	d.stop() // waits for queued hook requests
+	if n := len(hook.requests); n != 0 {
+		t.Errorf("%d more requests reached the hook, want none", n)
 	}
 }
