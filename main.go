@@ -1124,7 +1124,9 @@ func writeSnapshot(path string, snap snapshot, writeSynced func(*os.File, []byte
 		return fmt.Errorf("encode state: %w", err)
 	}
 	tmp, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".tmp*") // mode 0600: tokens are secrets
-	if err != nil {
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("write state file: directory %s does not exist (create it, mode 0700)", filepath.Dir(path))
+	} else if err != nil {
 		return fmt.Errorf("write state file: %w", err)
 	}
 	defer os.Remove(tmp.Name()) // fails once renamed, as it should
@@ -1801,9 +1803,20 @@ func (p *ssePeer) send(m *message) error {
 		b = append(b, "\nevent: binary"...)
 		data = base64.StdEncoding.AppendEncode(nil, m.data)
 	}
-	for line := range bytes.SplitSeq(data, []byte("\n")) {
-		b = append(append(b, "\ndata: "...), line...)
+	// EventSource ends a line at \r\n, \r or \n: each becomes a data line
+	// of its own, and the browser joins them with \n.
+	for {
+		end := bytes.IndexAny(data, "\r\n")
+		if end < 0 {
+			break
+		}
+		b = append(append(b, "\ndata: "...), data[:end]...)
+		if data[end] == '\r' && end+1 < len(data) && data[end+1] == '\n' {
+			end++
+		}
+		data = data[end+1:]
 	}
+	b = append(append(b, "\ndata: "...), data...)
 	p.buf = append(b, "\n\n"...)
 	_, err := p.w.Write(p.buf)
 	return err
@@ -2528,10 +2541,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	h.start()
-	log.Info("gockets listening", "addr", ln.Addr().String(), "tls", cfg.tlsCert != "", "host_name", cfg.hostName, "ping_interval", cfg.pingInterval)
 	if addr, ok := ln.Addr().(*net.TCPAddr); ok && !addr.IP.IsLoopback() && cfg.adminToken == "" && len(cfg.adminAllow) == 0 {
 		log.Warn("the admin API is open to anyone who can reach this port: set -admin-token or -admin-allow, or -bind 127.0.0.1", "addr", ln.Addr().String())
 	}
+	log.Info("gockets listening", "addr", ln.Addr().String(), "tls", cfg.tlsCert != "", "host_name", cfg.hostName, "ping_interval", cfg.pingInterval)
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 

@@ -1872,6 +1872,11 @@ func TestCorruptStateStopsTheDaemon(t *testing.T) {
 
 func TestMissingStateStartsEmptyAndTornJournalLineIsIgnored(t *testing.T) {
 	dir := t.TempDir()
+	err := run(context.Background(), []string{"-port", "0", "-state-file", filepath.Join(dir, "no", "such", "dir", "s.json")}, func(string) string { return "" }, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "does not exist (create it, mode 0700)") {
+		t.Errorf("state file in a missing directory: %v", err)
+	}
+
 	d := startDaemon(t, "-state-file", filepath.Join(dir, "new.json"))
 	d.mustCall("GET", "/channel", "", 200, nil)
 
@@ -1911,12 +1916,10 @@ func TestDiskFullWhenSavingState(t *testing.T) {
 	if data, _ := os.ReadFile(state); !strings.Contains(string(data), `"channels": []`) {
 		t.Errorf("the snapshot changed: %s", data)
 	}
-	if n := d.hub.stats.stateSaveFailure.Load(); n < 1 {
-		t.Errorf("failures counted: %d", n)
-	}
-	if !strings.Contains(d.logs.String(), "state not saved; channels are kept in memory") {
-		t.Errorf("failure not logged:\n%s", d.logs)
-	}
+	// The store answers the request, then counts and logs.
+	waitFor(t, "the failure to be counted and logged", func() bool {
+		return d.hub.stats.stateSaveFailure.Load() >= 1 && strings.Contains(d.logs.String(), "state not saved; channels are kept in memory")
+	})
 	_ = before
 
 	full.Store(false) // space is freed: the next retry writes everything
@@ -2861,11 +2864,11 @@ func TestSSEStreamsMessagesWithIDs(t *testing.T) {
 		}
 	}
 	d.publish(ch.PublisherToken, "one")
-	d.publish(ch.PublisherToken, "two\nlines")
+	d.publish(ch.PublisherToken, "two\nlines\r\nand\rbreaks")
 	req := func(r *http.Request) { r.Header.Set("Content-Type", "application/octet-stream") }
 	d.request(http.DefaultClient, "POST", "/channel/publish/"+ch.PublisherToken, "\x00\xffbin", req)
 	first, second, third := c.message(), c.message(), c.message()
-	if first.data != "one" || second.data != "two\nlines" || third.event != "binary" || third.data != base64.StdEncoding.EncodeToString([]byte("\x00\xffbin")) {
+	if first.data != "one" || second.data != "two\nlines\nand\nbreaks" || third.event != "binary" || third.data != base64.StdEncoding.EncodeToString([]byte("\x00\xffbin")) {
 		t.Errorf("events %+v %+v %+v", first, second, third)
 	}
 	a, _ := strconv.ParseUint(first.id, 10, 64)
