@@ -9,6 +9,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"cmp"
 	"context"
@@ -74,6 +75,13 @@ const (
 	journalLimit = 4096
 	// shutdownTimeout bounds a graceful shutdown, hook deliveries included.
 	shutdownTimeout = 10 * time.Second
+	// wsBufferSize is the size of a WebSocket subscriber's read and write
+	// buffers, instead of net/http's 4 KiB each: a subscriber mostly idles,
+	// frames bigger than the buffer go around it, and 256 bytes hold the 101
+	// answer and any control frame.
+	wsBufferSize = 256
+	// batchBytes is the most a WebSocket writer gathers for one write.
+	batchBytes = 64 << 10
 )
 
 type config struct {
@@ -320,13 +328,12 @@ func (o *origins) String() string {
 func (o *origins) Set(list string) error {
 	*o = nil
 	for _, part := range strings.Split(list, ",") {
-		part = strings.TrimSpace(part)
-		if part == "" || part == "*" {
-			if part == "*" {
-				*o = nil
-				return nil
-			}
+		switch part = strings.TrimSpace(part); part {
+		case "":
 			continue
+		case "*":
+			*o = nil
+			return nil
 		}
 		sub := strings.Contains(part, "://*.")
 		pattern, ok := parseOrigin(strings.Replace(part, "://*.", "://", 1))
@@ -411,6 +418,7 @@ type hub struct {
 	cancelHooks      context.CancelFunc
 	quit             chan struct{}  // closed by stop: the janitor and the store end
 	background       sync.WaitGroup // the janitor and the store
+	batches          sync.Pool      // of *[]byte, lent to WebSocket writers while they write
 }
 
 // stats counts what the daemon does, for the logs now and /metrics later.
@@ -471,6 +479,7 @@ func newHub(cfg config, log *slog.Logger) (*hub, error) {
 		bootID: rand.Text()[:8],
 	}
 	h.hookCtx, h.cancelHooks = context.WithCancel(context.Background())
+	h.batches.New = func() any { return new([]byte) }
 	h.mux = h.routes()
 	if cfg.stateFile != "" {
 		st, saved, err := openStore(cfg.stateFile, cfg.writeSynced, log, &h.stats)
@@ -1369,7 +1378,6 @@ type subscriber struct {
 	ch        *channel
 	transport string // "websocket" or "sse"
 	log       *slog.Logger
-	gone      <-chan struct{} // SSE: closed when the client goes; a WebSocket's reader sees that
 
 	index int // in ch.subscribers, guarded by ch.mu; -1 once removed
 
@@ -1377,6 +1385,7 @@ type subscriber struct {
 	peer        peer       // set when serving starts
 	queue       []*message // waiting for the writer
 	pong        []byte     // payload of a ping to answer, nil if none
+	pingDue     bool       // time to ping (SSE: to send a heartbeat)
 	bye         farewell   // set once, by stop
 	hookQueue   []hookItem
 	hookRunning bool
@@ -1389,7 +1398,7 @@ type subscriber struct {
 	done     chan struct{} // closed when the writer has finished
 }
 
-func (h *hub) newSubscriber(ch *channel, transport string, gone <-chan struct{}) *subscriber {
+func (h *hub) newSubscriber(ch *channel, transport string) *subscriber {
 	id := h.lastSubscriberID.Add(1)
 	return &subscriber{
 		id:        id,
@@ -1397,7 +1406,6 @@ func (h *hub) newSubscriber(ch *channel, transport string, gone <-chan struct{})
 		ch:        ch,
 		transport: transport,
 		log:       h.log.With("channel", fingerprint(ch.subscriberToken), "subscriber", id, "transport", transport),
-		gone:      gone,
 		index:     -1,
 		wake:      make(chan struct{}, 1),
 		quit:      make(chan struct{}),
@@ -1405,14 +1413,25 @@ func (h *hub) newSubscriber(ch *channel, transport string, gone <-chan struct{})
 	}
 }
 
-// serveWebSocket is the life of a WebSocket subscriber after the upgrade,
-// run by the handler goroutine: it reads until the end, then waits for the
-// writer to finish.
-func (s *subscriber) serveWebSocket(ws *websocket.Conn) {
-	s.begin(wsPeer{ws})
+// serveWebSocket starts the reader and the writer of an upgraded
+// subscriber and returns: net/http's handler goroutine, with its deep stack
+// and its buffers, ends at the upgrade instead of living as long as the
+// connection.
+func (s *subscriber) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *frameBatch) {
+	s.begin(wsPeer{ws, out})
 	go s.writeLoop()
+	go s.read(ws, conn)
+}
+
+// read is a WebSocket subscriber's reader: it reads until the end, waits
+// for the writer to finish, then closes the connection.
+func (s *subscriber) read(ws *websocket.Conn, conn net.Conn) {
+	defer s.hub.connections.Done()
 	s.stop(s.readLoop(ws))
 	<-s.done
+	if err := conn.Close(); err != nil {
+		s.log.Debug("close", "err", err)
+	}
 	s.log.Debug("subscriber disconnected", "code", s.bye.code, "reason", s.bye.reason)
 }
 
@@ -1446,6 +1465,7 @@ func (s *subscriber) stop(bye farewell) {
 		}
 		s.mu.Unlock()
 		close(s.quit)
+		s.signal()
 		s.presence("disconnect", listeners, &bye)
 	})
 }
@@ -1627,7 +1647,9 @@ func isTimeout(err error) bool {
 }
 
 // writeLoop is the only writer to the peer: queued messages, pongs, pings
-// (SSE: heartbeats) every interval, and the goodbye at the end.
+// (SSE: heartbeats) every interval, and the goodbye at the end. Everything
+// it is to do arrives through one channel, wake, and is read under one lock:
+// cheaper per message than a select over several channels.
 func (s *subscriber) writeLoop() {
 	defer close(s.done)
 	interval := s.hub.cfg.pingInterval
@@ -1636,80 +1658,77 @@ func (s *subscriber) writeLoop() {
 		// idle stream open.
 		interval = min(interval, sseHeartbeat)
 	}
-	ping := time.NewTicker(interval)
-	defer ping.Stop()
-	gone := s.gone
+	pinger := time.AfterFunc(interval, func() {
+		s.mu.Lock()
+		s.pingDue = true
+		s.mu.Unlock()
+		s.signal()
+	})
+	defer pinger.Stop()
 	var batch []*message
-	for {
-		var err error
-		select {
-		case <-s.wake:
-			batch, err = s.flush(batch)
-		case <-ping.C:
-			if err = s.armWrite(writeWait); err == nil {
-				err = s.peer.ping()
-			}
-		case <-gone:
-			gone = nil
-			s.stop(farewell{closeGoingAway, "connection lost", false, true})
-		case <-s.quit:
-			s.finish(batch)
+	for range s.wake {
+		s.mu.Lock()
+		bye, ping, pong := s.bye, s.pingDue, s.pong
+		batch, s.queue = s.queue, batch[:0]
+		s.pingDue, s.pong = false, nil
+		s.mu.Unlock()
+		if bye.code != 0 {
+			s.finish(bye, batch)
 			return
 		}
-		if err != nil {
+		if ping {
+			pinger.Reset(interval)
+		}
+		if err := s.write(batch, pong, ping); err != nil {
 			s.log.Debug("write failed", "err", err)
 			s.stop(farewell{closeGoingAway, "write failed", false, true})
 		}
+		clear(batch)
 	}
 }
 
-// flush writes everything queued and answers a pending ping. It reuses
-// batch's array so that a busy subscriber allocates nothing per message.
-func (s *subscriber) flush(batch []*message) ([]*message, error) {
-	s.mu.Lock()
-	batch, s.queue = s.queue, batch[:0]
-	pong := s.pong
-	s.pong = nil
-	s.mu.Unlock()
-	if pong != nil {
-		if err := s.armWrite(writeWait); err != nil {
-			return batch, err
-		}
-		if err := s.peer.pong(pong); err != nil {
-			return batch, err
+// write sends a ping, a pong and the queued messages, under one deadline.
+func (s *subscriber) write(batch []*message, pong []byte, ping bool) error {
+	if len(batch) == 0 && pong == nil && !ping {
+		return nil
+	}
+	if err := s.armWrite(writeWait); err != nil {
+		return err
+	}
+	if ping {
+		if err := s.peer.ping(); err != nil {
+			return err
 		}
 	}
-	for i, m := range batch {
-		if err := s.armWrite(writeWait); err != nil {
-			return batch, err
+	if pong != nil {
+		if err := s.peer.pong(pong); err != nil {
+			return err
 		}
+	}
+	for _, m := range batch {
 		if err := s.peer.send(m); err != nil {
-			return batch, err
+			return err
 		}
-		batch[i] = nil
 	}
 	if err := s.peer.flush(); err != nil {
-		return batch, err
+		return err
 	}
 	s.hub.stats.delivered.Add(int64(len(batch)))
-	return batch[:0], nil
+	return nil
 }
 
 // finish says goodbye: what is still queued when the close is orderly, then
 // the close frame (SSE: a close event); then it lets a WebSocket's reader
 // wait briefly for the peer's close frame.
-func (s *subscriber) finish(batch []*message) {
+func (s *subscriber) finish(bye farewell, batch []*message) {
 	s.mu.Lock()
-	bye := s.bye
+	batch = append(batch, s.queue...) // stop has taken s out of the channel: nothing more comes
+	s.queue = nil
 	s.mu.Unlock()
-	if bye.drain {
-		if _, err := s.flush(batch); err != nil {
-			s.log.Debug("final flush", "err", err)
-		}
-	} else {
-		s.mu.Lock()
-		s.hub.stats.droppedSlow.Add(int64(len(s.queue) + len(batch)))
-		s.mu.Unlock()
+	if !bye.drain {
+		s.hub.stats.droppedSlow.Add(int64(len(batch)))
+	} else if err := s.write(batch, nil, false); err != nil {
+		s.log.Debug("final flush", "err", err)
 	}
 	if !bye.abort {
 		err := s.armWrite(closeGrace)
@@ -1752,18 +1771,28 @@ type peer interface {
 	setReadDeadline(t time.Time) error
 }
 
-// wsPeer writes frames through x/net/websocket, which flushes each one as
-// it is written.
-type wsPeer struct{ ws *websocket.Conn }
-
-func (p wsPeer) send(m *message) error {
-	if m.binary {
-		return p.frame(websocket.BinaryFrame, m.data)
-	}
-	return p.frame(websocket.TextFrame, m.data)
+// wsPeer writes frames through x/net/websocket. x/net flushes after every
+// frame; its writer flushes into out, which gathers the messages of one
+// flush of the queue into one write to the socket.
+type wsPeer struct {
+	ws  *websocket.Conn
+	out *frameBatch
 }
 
-func (p wsPeer) flush() error              { return nil }
+func (p wsPeer) send(m *message) error {
+	p.out.gather()
+	opcode := byte(websocket.TextFrame)
+	if m.binary {
+		opcode = websocket.BinaryFrame
+	}
+	if err := p.frame(opcode, m.data); err != nil {
+		p.out.end(false)
+		return err
+	}
+	return nil
+}
+
+func (p wsPeer) flush() error              { return p.out.end(true) }
 func (p wsPeer) ping() error               { return p.frame(websocket.PingFrame, nil) }
 func (p wsPeer) pong(payload []byte) error { return p.frame(websocket.PongFrame, payload) }
 
@@ -1785,6 +1814,76 @@ func (p wsPeer) frame(opcode byte, payload []byte) error {
 		return fmt.Errorf("write frame: %w", err)
 	}
 	return w.Close()
+}
+
+// frameBatch is where x/net/websocket's buffered writer flushes. Outside a
+// batch it writes straight to the connection; between gather and end it
+// collects the frames in a buffer lent by the hub, so that an idle
+// subscriber holds none, and writes them at once, arming the write
+// deadline before every write to the socket.
+type frameBatch struct {
+	conn net.Conn
+	pool *sync.Pool
+	arm  func() error // sets the write deadline, or says the peer is abandoned
+	buf  *[]byte      // lent between gather and end
+}
+
+func (b *frameBatch) Write(p []byte) (int, error) {
+	if b.buf == nil {
+		return b.conn.Write(p)
+	}
+	if len(p) >= batchBytes { // too big to copy: what was gathered, then p
+		if err := b.send(); err != nil {
+			return 0, err
+		}
+		if err := b.arm(); err != nil {
+			return 0, err
+		}
+		return b.conn.Write(p)
+	}
+	*b.buf = append(*b.buf, p...)
+	if len(*b.buf) >= batchBytes {
+		if err := b.send(); err != nil {
+			return 0, err
+		}
+	}
+	return len(p), nil
+}
+
+func (b *frameBatch) gather() {
+	if b.buf == nil {
+		b.buf = b.pool.Get().(*[]byte)
+	}
+}
+
+// send writes what was gathered.
+func (b *frameBatch) send() error {
+	if len(*b.buf) == 0 {
+		return nil
+	}
+	if err := b.arm(); err != nil {
+		return err
+	}
+	_, err := b.conn.Write(*b.buf)
+	*b.buf = (*b.buf)[:0]
+	return err
+}
+
+// end writes what was gathered, or drops it, and gives the buffer back.
+func (b *frameBatch) end(write bool) error {
+	if b.buf == nil {
+		return nil
+	}
+	var err error
+	if write {
+		err = b.send()
+	}
+	if cap(*b.buf) <= 2*batchBytes {
+		*b.buf = (*b.buf)[:0]
+		b.pool.Put(b.buf)
+	}
+	b.buf = nil
+	return err
 }
 
 // ssePeer writes Server-Sent Events. Each message is an event with its id,
@@ -2057,35 +2156,46 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusMethodNotAllowed, "ERR", "method "+r.Method+" is not allowed here; allowed: POST")
 		return
 	}
-	if _, pattern := h.mux.Handler(r); pattern == "" {
-		h.routeError(w, r)
+	h.mux.ServeHTTP(&routeErrors{ResponseWriter: w, r: r}, r)
+}
+
+// routeErrors passes every reply through but the mux's own plain-text 404
+// and 405, which it answers in JSON (405 keeps the mux's Allow header). It
+// spares routing each request twice to find those out beforehand.
+type routeErrors struct {
+	http.ResponseWriter
+	r        *http.Request
+	replaced bool
+}
+
+func (e *routeErrors) WriteHeader(code int) {
+	if code != http.StatusNotFound && code != http.StatusMethodNotAllowed || e.Header().Get("Content-Type") == "application/json" {
+		e.ResponseWriter.WriteHeader(code)
 		return
 	}
-	h.mux.ServeHTTP(w, r)
-}
-
-// routeError answers like the mux would (404, or 405 with Allow), in JSON.
-func (h *hub) routeError(w http.ResponseWriter, r *http.Request) {
-	handler, _ := h.mux.Handler(r)
-	rec := &headerRecorder{header: make(http.Header), code: http.StatusOK}
-	handler.ServeHTTP(rec, r)
-	if rec.code == http.StatusMethodNotAllowed {
-		w.Header().Set("Allow", rec.header.Get("Allow"))
-		reply(w, http.StatusMethodNotAllowed, "ERR", fmt.Sprintf("method %s is not allowed here; allowed: %s", r.Method, rec.header.Get("Allow")))
+	e.replaced = true
+	e.Header().Del("X-Content-Type-Options")
+	if code == http.StatusMethodNotAllowed {
+		reply(e.ResponseWriter, code, "ERR", "method "+e.r.Method+" is not allowed here; allowed: "+e.Header().Get("Allow"))
 		return
 	}
-	reply(w, http.StatusNotFound, "ERR", "no such route: "+r.Method+" "+r.URL.Path)
+	reply(e.ResponseWriter, code, "ERR", "no such route: "+e.r.Method+" "+e.r.URL.Path)
 }
 
-// headerRecorder keeps the status and headers of the mux's own error reply.
-type headerRecorder struct {
-	header http.Header
-	code   int
+func (e *routeErrors) Write(p []byte) (int, error) {
+	if e.replaced {
+		return len(p), nil
+	}
+	return e.ResponseWriter.Write(p)
 }
 
-func (r *headerRecorder) Header() http.Header         { return r.header }
-func (r *headerRecorder) Write(p []byte) (int, error) { return len(p), nil }
-func (r *headerRecorder) WriteHeader(code int)        { r.code = code }
+// Unwrap lets http.ResponseController reach the connection (SSE); Hijack
+// is for x/net's websocket.Server, which asks for it directly.
+func (e *routeErrors) Unwrap() http.ResponseWriter { return e.ResponseWriter }
+
+func (e *routeErrors) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	return http.NewResponseController(e.ResponseWriter).Hijack()
+}
 
 // admin guards a route. The Host lock is the original's and stays, but a
 // client picks its own Host header: the locks that hold are the address
@@ -2168,10 +2278,15 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 		status = http.StatusInternalServerError
 		body = []byte(`{"type":"ERR","message":"cannot encode the reply"}`)
 	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Content-Length", strconv.Itoa(len(body)+1))
+	writeBody(w, status, append(body, '\n'))
+}
+
+func writeBody(w http.ResponseWriter, status int, body []byte) {
+	header := w.Header()
+	header["Content-Type"] = []string{"application/json"}
+	header["Content-Length"] = []string{strconv.Itoa(len(body))}
 	w.WriteHeader(status)
-	_, _ = w.Write(append(body, '\n')) // the client is gone if this fails; nothing to do
+	_, _ = w.Write(body) // the client is gone if this fails; nothing to do
 }
 
 // readBody reads a request body of at most limit bytes, answering 413 or 400
@@ -2302,25 +2417,27 @@ func (h *hub) handlePublish(w http.ResponseWriter, r *http.Request) {
 		notFound(w, "publisher")
 		return
 	}
-	var msg string
-	switch {
-	case queued:
-		msg = "no subscriber is connected: message kept for the next one"
-	case n == 0:
-		msg = "no subscriber is connected: message dropped (-backlog 0)"
-	default:
-		msg = fmt.Sprintf("message handed to %d subscriber(s)", n)
-	}
-	writeJSON(w, http.StatusOK, publishReply{"INF", msg, n, queued})
+	writeBody(w, http.StatusOK, publishReply(n, queued))
 }
 
 // publishReply says how many subscribers took the message, or whether it
-// was kept for the next one.
-type publishReply struct {
-	Type        string `json:"type"`
-	Message     string `json:"message"`
-	Subscribers int    `json:"subscribers"`
-	Queued      bool   `json:"queued"`
+// was kept for the next one: {"type":"INF","message":…,"subscribers":N,
+// "queued":false}. Built by hand, as publish is the hot path.
+func publishReply(subscribers int, queued bool) []byte {
+	b := make([]byte, 0, 128)
+	b = append(b, `{"type":"INF","message":"`...)
+	switch {
+	case queued:
+		b = append(b, "no subscriber is connected: message kept for the next one"...)
+	case subscribers == 0:
+		b = append(b, "no subscriber is connected: message dropped (-backlog 0)"...)
+	default:
+		b = strconv.AppendInt(append(b, "message handed to "...), int64(subscribers), 10)
+		b = append(b, " subscriber(s)"...)
+	}
+	b = strconv.AppendInt(append(b, `","subscribers":`...), int64(subscribers), 10)
+	b = strconv.AppendBool(append(b, `,"queued":`...), queued)
+	return append(b, "}\n"...)
 }
 
 func (h *hub) handleDelete(w http.ResponseWriter, r *http.Request) {
@@ -2368,18 +2485,21 @@ func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 // subscribeWebSocket upgrades. Our Handshake, unlike websocket.Handler's,
 // accepts clients without an Origin header (PHP, node, curl).
 func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *channel) {
-	if _, ok := w.(http.Hijacker); !ok {
+	if r.ProtoMajor != 1 {
 		reply(w, http.StatusHTTPVersionNotSupported, "ERR", "WebSocket needs HTTP/1.1")
 		return
 	}
-	// Counted before the hijack, while Shutdown still waits for this request.
+	// Counted before the hijack, while Shutdown still waits for this
+	// request; done by the subscriber's reader, or below if it never runs.
 	h.connections.Add(1)
-	defer h.connections.Done()
-	s := h.newSubscriber(ch, "websocket", nil)
+	s := h.newSubscriber(ch, "websocket")
+	conn := &keptConn{}
+	out := &frameBatch{pool: &h.batches, arm: func() error { return s.armWrite(writeWait) }}
 	websocket.Server{
-		// Joining before the 101 is sent makes listeners count a subscriber
-		// by the time it can see the upgrade.
-		Handshake: func(*websocket.Config, *http.Request) error {
+		Handshake: func(_ *websocket.Config, req *http.Request) error {
+			req.Header, req.URL = nil, nil // read by now, and x/net keeps req
+			// Joining before the 101 is sent makes listeners count a
+			// subscriber by the time it can see the upgrade.
 			listeners, ok := h.join(ch, s, false, 0)
 			if !ok {
 				return errors.New("channel deleted or shutting down")
@@ -2387,9 +2507,54 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 			s.presence("connect", listeners, nil)
 			return nil
 		},
-		Handler: s.serveWebSocket,
-	}.ServeHTTP(w, r)
-	s.stop(farewell{closeGoingAway, "handshake failed", false, false}) // leaves if serving never began
+		Handler: func(ws *websocket.Conn) {
+			conn.kept = true
+			s.serveWebSocket(ws, conn.Conn, out)
+		},
+	}.ServeHTTP(takeover{w, conn, out}, &http.Request{Method: r.Method, URL: r.URL, Header: r.Header, Host: r.Host, TLS: r.TLS})
+	if !conn.kept {
+		s.stop(farewell{closeGoingAway, "handshake failed", false, false}) // leaves the channel
+		h.connections.Done()
+	}
+}
+
+// takeover is the ResponseWriter x/net/websocket hijacks. It hands x/net
+// small buffers instead of net/http's (whose reader it keeps only when that
+// holds bytes already read), a writer that flushes into the subscriber's
+// frameBatch, and the connection as a keptConn, so that nothing holds
+// net/http's connection and buffers once the handler returns.
+type takeover struct {
+	http.ResponseWriter
+	conn *keptConn
+	out  *frameBatch
+}
+
+func (t takeover) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, buf, err := http.NewResponseController(t.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	t.conn.Conn, t.out.conn = conn, conn
+	r := buf.Reader
+	if r.Buffered() == 0 {
+		r = bufio.NewReaderSize(conn, wsBufferSize)
+	}
+	return t.conn, bufio.NewReadWriter(r, bufio.NewWriterSize(t.out, wsBufferSize)), nil
+}
+
+// keptConn is the connection as x/net/websocket sees it. x/net closes it
+// when its Handler returns; once the subscriber has taken it over, that
+// Close is ignored, and the subscriber's reader closes it at the end.
+type keptConn struct {
+	net.Conn
+	kept bool // set by Handler, read by x/net's Close, on the same goroutine
+}
+
+func (c *keptConn) Close() error {
+	if c.kept {
+		return nil
+	}
+	return c.Conn.Close()
 }
 
 // subscribeSSE streams Server-Sent Events until the client goes, the
@@ -2405,12 +2570,17 @@ func (h *hub) subscribeSSE(w http.ResponseWriter, r *http.Request, ch *channel) 
 	resume := err == nil
 	h.connections.Add(1)
 	defer h.connections.Done()
-	s := h.newSubscriber(ch, "sse", r.Context().Done())
+	s := h.newSubscriber(ch, "sse")
 	listeners, ok := h.join(ch, s, resume, lastID)
 	if !ok {
 		reply(w, http.StatusServiceUnavailable, "ERR", "channel deleted or shutting down")
 		return
 	}
+	// A WebSocket's reader sees its client go; an event stream learns it
+	// from the request's context.
+	defer context.AfterFunc(r.Context(), func() {
+		s.stop(farewell{closeGoingAway, "connection lost", false, true})
+	})()
 	s.presence("connect", listeners, nil)
 	header := w.Header()
 	header.Set("Content-Type", "text/event-stream")
