@@ -1133,12 +1133,12 @@ func TestLogLevels(t *testing.T) {
 	}
 }
 
-// runDaemon starts run() with args and -port 0, and returns its address and
-// a function that stops it and returns what run returned.
-func runDaemon(t *testing.T, args ...string) (addr string, stop func() error) {
+// runDaemon starts run() with args and -port 0, and returns its address,
+// its log, and a function that stops it and returns what run returned.
+func runDaemon(t *testing.T, args ...string) (addr string, logs *addrWatcher, stop func() error) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	logs := &addrWatcher{addr: make(chan string, 1)}
+	logs = &addrWatcher{addr: make(chan string, 1)}
 	result := make(chan error, 1)
 	go func() {
 		result <- run(ctx, append([]string{"-port", "0"}, args...), func(string) string { return "" }, io.Discard, logs)
@@ -1159,9 +1159,13 @@ func runDaemon(t *testing.T, args ...string) (addr string, stop func() error) {
 		})
 		return err
 	}
-	t.Cleanup(func() { stop() })
+	t.Cleanup(func() {
+		if err := stop(); err != nil {
+			t.Errorf("run: %v", err)
+		}
+	})
 	_, port, _ := net.SplitHostPort(addr)
-	return "127.0.0.1:" + port, stop
+	return "127.0.0.1:" + port, logs, stop
 }
 
 // addrWatcher is run's log output: it finds the listening address.
@@ -1181,7 +1185,7 @@ func (w *addrWatcher) Write(p []byte) (int, error) {
 }
 
 func TestShutdownClosesSubscribersAndFinishesRequests(t *testing.T) {
-	addr, stop := runDaemon(t)
+	addr, _, stop := runDaemon(t)
 	d := &daemon{t: t, url: "http://" + addr}
 	ch := d.prepare("")
 	c := d.dial(ch.SubscriberToken)
@@ -2418,7 +2422,7 @@ func TestOpenAdminAPIIsWarnedAbout(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
-			logs := runDaemonLogs(t, tc.args...)
+			_, logs, _ := runDaemon(t, tc.args...)
 			if got := strings.Count(logs.String(), "the admin API is open to anyone who can reach this port"); got != map[bool]int{true: 1, false: 0}[tc.warn] {
 				t.Errorf("warned %d times, want warn=%v:\n%s", got, tc.warn, logs)
 			}
@@ -2426,31 +2430,8 @@ func TestOpenAdminAPIIsWarnedAbout(t *testing.T) {
 	}
 }
 
-// runDaemonLogs starts run() and returns its log once it listens.
-func runDaemonLogs(t *testing.T, args ...string) *addrWatcher {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	logs := &addrWatcher{addr: make(chan string, 1)}
-	result := make(chan error, 1)
-	go func() {
-		result <- run(ctx, append([]string{"-port", "0"}, args...), func(string) string { return "" }, io.Discard, logs)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		if err := recv(t, result, "run to return"); err != nil {
-			t.Errorf("run: %v", err)
-		}
-	})
-	select {
-	case <-logs.addr:
-	case err := <-result:
-		t.Fatalf("run ended at start: %v", err)
-	}
-	return logs
-}
-
 func TestBindListensOnOneAddress(t *testing.T) {
-	addr, _ := runDaemon(t, "-bind", "127.0.0.1")
+	addr, _, _ := runDaemon(t, "-bind", "127.0.0.1")
 	_, port, _ := net.SplitHostPort(addr)
 	if conn, err := net.Dial("tcp", "127.0.0.1:"+port); err != nil {
 		t.Errorf("not listening on 127.0.0.1: %v", err)
@@ -2548,7 +2529,7 @@ func selfSigned(t *testing.T) (certFile, keyFile string, pool *x509.CertPool) {
 
 func TestTLSServesHTTPSAndWSS(t *testing.T) {
 	certFile, keyFile, pool := selfSigned(t)
-	addr, _ := runDaemon(t, "-tls-cert", certFile, "-tls-key", keyFile)
+	addr, _, _ := runDaemon(t, "-tls-cert", certFile, "-tls-key", keyFile)
 	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
 	t.Cleanup(client.CloseIdleConnections)
 	d := &daemon{t: t, url: "https://" + addr}
