@@ -426,6 +426,7 @@ type stats struct {
 	published, delivered, queued                atomic.Int64
 	droppedBacklogFull, droppedExpired          atomic.Int64
 	droppedNoSubscriber, droppedSlow            atomic.Int64
+	droppedGone                                 atomic.Int64
 	slowDisconnects                             atomic.Int64
 	hookDelivered, hookRetried, hookFailed      atomic.Int64
 	hookQueueFull, hookNoHook, stateSaveFailure atomic.Int64
@@ -754,7 +755,7 @@ func (h *hub) join(ch *channel, s *subscriber, resume bool, lastID uint64) (int,
 			ch.backlog[i].delivered = true
 		}
 	}
-	s.index = len(ch.subscribers)
+	s.index, s.joined = len(ch.subscribers), true
 	ch.subscribers = append(ch.subscribers, s)
 	ch.lastActive = now
 	return len(ch.subscribers), true
@@ -1379,7 +1380,8 @@ type subscriber struct {
 	transport string // "websocket" or "sse"
 	log       *slog.Logger
 
-	index int // in ch.subscribers, guarded by ch.mu; -1 once removed
+	index  int  // in ch.subscribers, guarded by ch.mu; -1 once removed
+	joined bool // set by join, under ch.mu: stop reports a disconnect only then
 
 	mu          sync.Mutex
 	peer        peer       // set when serving starts
@@ -1466,7 +1468,9 @@ func (s *subscriber) stop(bye farewell) {
 		s.mu.Unlock()
 		close(s.quit)
 		s.signal()
-		s.presence("disconnect", listeners, &bye)
+		if s.joined { // leave, under ch.mu, ordered this read after join's write
+			s.presence("disconnect", listeners, &bye)
+		}
 	})
 }
 
@@ -1725,10 +1729,15 @@ func (s *subscriber) finish(bye farewell, batch []*message) {
 	batch = append(batch, s.queue...) // stop has taken s out of the channel: nothing more comes
 	s.queue = nil
 	s.mu.Unlock()
-	if !bye.drain {
+	switch {
+	case bye.code == closePolicyViolation:
 		s.hub.stats.droppedSlow.Add(int64(len(batch)))
-	} else if err := s.write(batch, nil, false); err != nil {
-		s.log.Debug("final flush", "err", err)
+	case !bye.drain:
+		s.hub.stats.droppedGone.Add(int64(len(batch)))
+	default:
+		if err := s.write(batch, nil, false); err != nil {
+			s.log.Debug("final flush", "err", err)
+		}
 	}
 	if !bye.abort {
 		err := s.armWrite(closeGrace)
@@ -2635,7 +2644,8 @@ func (h *hub) handleMetrics(w http.ResponseWriter, _ *http.Request) {
 		{"gockets_messages_queued_total", "counter", "Messages kept for the next subscriber because none was connected.", []metricSample{{"", st.queued.Load()}}},
 		{"gockets_messages_dropped_total", "counter", "Messages that reached no subscriber, by reason.", []metricSample{
 			{`reason="backlog_expired"`, st.droppedExpired.Load()}, {`reason="backlog_full"`, st.droppedBacklogFull.Load()},
-			{`reason="no_subscriber"`, st.droppedNoSubscriber.Load()}, {`reason="slow_subscriber"`, st.droppedSlow.Load()}}},
+			{`reason="no_subscriber"`, st.droppedNoSubscriber.Load()}, {`reason="slow_subscriber"`, st.droppedSlow.Load()},
+			{`reason="subscriber_gone"`, st.droppedGone.Load()}}},
 		{"gockets_slow_subscriber_disconnects_total", "counter", "Subscribers closed because their send queue was full.", []metricSample{{"", st.slowDisconnects.Load()}}},
 		{"gockets_hook_requests_total", "counter", "POSTs to hooks, by result: ok (2xx) or error (no answer, timeout, other status).", []metricSample{
 			{`result="error"`, st.hookRetried.Load() + st.hookFailed.Load()}, {`result="ok"`, st.hookDelivered.Load()}}},

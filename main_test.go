@@ -2700,6 +2700,7 @@ func TestMetricsAreExactAndMove(t *testing.T) {
 		"gockets_messages_published_total", "gockets_messages_delivered_total", "gockets_messages_queued_total",
 		`gockets_messages_dropped_total{reason="backlog_full"}`, `gockets_messages_dropped_total{reason="backlog_expired"}`,
 		`gockets_messages_dropped_total{reason="no_subscriber"}`, `gockets_messages_dropped_total{reason="slow_subscriber"}`,
+		`gockets_messages_dropped_total{reason="subscriber_gone"}`,
 		`gockets_hook_requests_total{result="ok"}`, `gockets_hook_requests_total{result="error"}`,
 		`gockets_hook_dropped_total{reason="queue_full"}`, `gockets_hook_dropped_total{reason="no_hook"}`, `gockets_hook_dropped_total{reason="attempts_spent"}`,
 		"gockets_slow_subscriber_disconnects_total", "gockets_state_save_failures_total",
@@ -3119,5 +3120,21 @@ func BenchmarkPublishNoSubscriber(b *testing.B) {
 		if rec.Code != 200 {
 			b.Fatal(rec.Code)
 		}
+	}
+}
+
+func TestRefusedSubscriberMakesNoPresenceEvent(t *testing.T) {
+	hook := startHook(t, nil)
+	d := startDaemon(t, "-hook-events")
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
+	d.hub.closeAll() // shutdown has begun: joining is refused
+	if c, resp := dialWS(t, d.wsURL(ch.SubscriberToken), nil); c != nil || resp.StatusCode != http.StatusForbidden {
+		t.Fatalf("subscribe during shutdown: %v", resp.Status)
+	}
+	if err := d.stop(); err != nil { // waits for queued hook requests
+		t.Fatal(err)
+	}
+	if n := len(hook.requests); n != 0 {
+		t.Errorf("%d presence events for a subscriber that never joined", n)
 	}
 }
