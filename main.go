@@ -27,6 +27,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -59,17 +60,25 @@ const (
 	// to accept bytes is stuck, and its connection is closed.
 	writeWait = 10 * time.Second
 	// closeGrace is how long we wait for a peer's close frame after ours
-	// before dropping the TCP connection.
+	// before dropping the TCP connection, and how long a write under way
+	// may still take once its subscriber is being dropped.
 	closeGrace = time.Second
+	// drainWait bounds the write under way, then the messages still queued,
+	// for a subscriber closed in order (channel deleted, shutdown): twice,
+	// with closeGrace twice, it keeps a stuck subscriber inside
+	// shutdownTimeout.
+	drainWait = 2 * time.Second
 	// sseHeartbeat is the longest an SSE stream stays silent: proxies close
 	// streams idle for a minute (nginx's proxy_read_timeout).
 	sseHeartbeat = 30 * time.Second
 	// sendQueueLimit is how many messages may wait for one subscriber; a
 	// subscriber that falls further behind is disconnected, never waited for.
 	sendQueueLimit = 1024
-	// hookQueueLimit is how many frames from one subscriber may wait for the
-	// hook; more are dropped (and counted) rather than held without bound.
+	// hookQueueLimit and hookQueueBytes bound what may wait for the hook
+	// from one subscriber (a message bigger than hookQueueBytes alone
+	// passes); more is dropped, and counted, rather than held without bound.
 	hookQueueLimit = 256
+	hookQueueBytes = 4 << 20
 	// journalLimit is how many changes the state journal holds before the
 	// snapshot is rewritten and the journal emptied.
 	journalLimit = 4096
@@ -207,7 +216,8 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	fs.VisitAll(func(f *flag.Flag) {
 		source[f.Name] = "-" + f.Name
 		value := getenv(envName(f.Name))
-		if onCommandLine[f.Name] || value == "" || envErr != nil {
+		// GOCKETS_VERSION often names a version to deploy; it is no flag.
+		if onCommandLine[f.Name] || value == "" || envErr != nil || f.Name == "version" {
 			return
 		}
 		source[f.Name] = envName(f.Name)
@@ -421,7 +431,7 @@ type hub struct {
 	batches          sync.Pool      // of *[]byte, lent to WebSocket writers while they write
 }
 
-// stats counts what the daemon does, for the logs now and /metrics later.
+// stats counts what the daemon does, for /metrics.
 type stats struct {
 	published, delivered, queued                atomic.Int64
 	droppedBacklogFull, droppedExpired          atomic.Int64
@@ -472,6 +482,12 @@ func newHub(cfg config, log *slog.Logger) (*hub, error) {
 		byPublisher:  make(map[string]*channel),
 		bySubscriber: make(map[string]*channel),
 		hooks: &http.Client{
+			Transport: &http.Transport{
+				Proxy:               http.ProxyFromEnvironment,
+				DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+				MaxIdleConnsPerHost: 16, // one per subscriber posting at once, up to this
+				IdleConnTimeout:     90 * time.Second,
+			},
 			Timeout: cfg.hook.timeout,
 			// A hook answers; it does not send us elsewhere.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
@@ -571,16 +587,23 @@ func (h *hub) edit(ch *channel, opts channelOptions) (uint64, bool) {
 
 // delete removes a channel and closes its subscribers with 1000. It waits
 // for nothing: each subscriber's writer sends the close frame on its own.
-func (h *hub) delete(ch *channel, bye farewell) (uint64, bool) {
+// With idle > 0 it deletes only a channel that has had no subscriber and
+// no publish for that long, checked under the same lock as the deletion.
+func (h *hub) delete(ch *channel, bye farewell, idle time.Duration) (uint64, bool) {
 	h.mu.Lock()
 	if h.byPublisher[ch.publisherToken] != ch {
 		h.mu.Unlock()
 		return 0, false
 	}
+	ch.mu.Lock()
+	if idle > 0 && (len(ch.subscribers) > 0 || time.Since(ch.lastActive) <= idle) {
+		ch.mu.Unlock()
+		h.mu.Unlock()
+		return 0, false
+	}
 	delete(h.byPublisher, ch.publisherToken)
 	delete(h.bySubscriber, ch.subscriberToken)
-	seq := h.store.remove(ch)
-	ch.mu.Lock()
+	seq := h.store.remove(ch.storedLocked())
 	ch.deleted = true
 	subs := ch.subscribers
 	ch.subscribers, ch.backlog = nil, nil
@@ -607,26 +630,24 @@ func (h *hub) bySubscriberToken(token string) *channel {
 	return h.bySubscriber[token]
 }
 
-// all returns every channel, oldest first.
+// all returns every channel, in no order.
 func (h *hub) all() []*channel {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
-	return h.allLocked()
+	return slices.Collect(maps.Values(h.byPublisher))
 }
 
-func (h *hub) allLocked() []*channel {
-	all := make([]*channel, 0, len(h.byPublisher))
-	for _, ch := range h.byPublisher {
-		all = append(all, ch)
-	}
+// oldestFirst sorts channels in the order they were prepared.
+func oldestFirst(all []*channel) []*channel {
 	slices.SortFunc(all, func(a, b *channel) int { return cmp.Compare(a.seq, b.seq) })
 	return all
 }
 
-// channels lists the channels whose tag matches, or all when match is nil.
+// channels lists the channels whose tag matches, or all when match is nil,
+// oldest first.
 func (h *hub) channels(match *regexp.Regexp) []channelJSON {
 	list := []channelJSON{}
-	for _, ch := range h.all() {
+	for _, ch := range oldestFirst(h.all()) {
 		view := ch.view()
 		if match == nil || view.Tag != nil && match.MatchString(*view.Tag) {
 			list = append(list, view)
@@ -679,11 +700,13 @@ func (h *hub) publish(ch *channel, m *message) (subscribers int, queued, ok bool
 	}
 	ch.lastID++
 	m.id, ch.lastActive = ch.lastID, m.at
-	for _, s := range ch.subscribers {
-		if s.enqueue(m) {
+	for i := 0; i < len(ch.subscribers); i++ {
+		if s := ch.subscribers[i]; s.enqueue(m) {
 			subscribers++
 		} else {
+			ch.removeLocked(s) // once: a concurrent publish does not see it again
 			slow = append(slow, s)
+			i-- // the last subscriber took its place
 		}
 	}
 	if h.cfg.backlog > 0 {
@@ -742,23 +765,40 @@ func (ch *channel) expire(now time.Time, ttl time.Duration, st *stats) {
 // down. closing is read under ch.mu, which closeAll takes after setting it,
 // so a subscriber either sees it or is seen by closeAll. It returns the
 // listeners counting s.
-func (h *hub) join(ch *channel, s *subscriber, resume bool, lastID uint64) (int, bool) {
+// The connect presence event is queued here, under ch.mu, so that it
+// comes before any disconnect.
+func (h *hub) join(ch *channel, s *subscriber, resume bool, lastID uint64) bool {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
 	if h.closing.Load() || ch.deleted {
-		return 0, false
+		return false
 	}
 	now := time.Now()
 	ch.expire(now, h.cfg.backlogTTL, &h.stats)
 	for i, k := range ch.backlog {
 		if (resume && k.id > lastID || !resume && !k.delivered) && s.enqueue(k.message) {
 			ch.backlog[i].delivered = true
+			s.fromBacklog = append(s.fromBacklog, k.message)
 		}
 	}
 	s.index, s.joined = len(ch.subscribers), true
 	ch.subscribers = append(ch.subscribers, s)
 	ch.lastActive = now
-	return len(ch.subscribers), true
+	s.presence("connect", len(ch.subscribers), nil, ch.hookTarget)
+	return true
+}
+
+// unjoin undoes join for a subscriber whose upgrade failed after it: it
+// leaves, and what it took from the backlog waits for the next one again.
+func (h *hub) unjoin(ch *channel, s *subscriber) {
+	s.stop(farewell{closeGoingAway, "handshake failed", false, false})
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	for i, k := range ch.backlog {
+		if slices.Contains(s.fromBacklog, k.message) {
+			ch.backlog[i].delivered = false
+		}
+	}
 }
 
 // leave removes a subscriber, if still there, so listeners is exact, and
@@ -766,9 +806,16 @@ func (h *hub) join(ch *channel, s *subscriber, resume bool, lastID uint64) (int,
 func (ch *channel) leave(s *subscriber) int {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
+	ch.removeLocked(s)
+	return len(ch.subscribers)
+}
+
+// removeLocked takes s out of the subscribers, if there; the caller holds
+// ch.mu.
+func (ch *channel) removeLocked(s *subscriber) {
 	i := s.index
 	if i < 0 {
-		return len(ch.subscribers)
+		return
 	}
 	last := len(ch.subscribers) - 1
 	ch.subscribers[i] = ch.subscribers[last]
@@ -777,7 +824,6 @@ func (ch *channel) leave(s *subscriber) int {
 	ch.subscribers = ch.subscribers[:last]
 	s.index = -1
 	ch.lastActive = time.Now()
-	return len(ch.subscribers)
 }
 
 // hookDestination is where frames from this channel's subscribers go now.
@@ -823,7 +869,7 @@ func (h *hub) sweep(now time.Time) {
 		}
 		// Nobody waits for this change to reach the disk: the store saves it
 		// with the next one, or at shutdown.
-		if _, ok := h.delete(ch, farewell{closeNormal, "channel expired", true, false}); ok {
+		if _, ok := h.delete(ch, farewell{closeNormal, "channel expired", true, false}, h.cfg.channelTTL); ok {
 			h.log.Info("channel expired", "channel", fingerprint(ch.subscriberToken), "idle", idle.Round(time.Millisecond))
 		}
 	}
@@ -879,13 +925,8 @@ func parseChannelOptions(body []byte) (channelOptions, error) {
 		HookURL json.RawMessage `json:"subscriber_message_hook_url"`
 		Tag     json.RawMessage `json:"tag"`
 	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&fields); err != nil {
+	if err := decodeStrict(body, &fields); err != nil {
 		return opts, fmt.Errorf("body is not a valid JSON object: %w", err)
-	}
-	if dec.More() {
-		return opts, errors.New("body has data after the JSON object")
 	}
 	var err error
 	if opts.hookURL, opts.setHook, err = optionalString("subscriber_message_hook_url", fields.HookURL); err != nil {
@@ -982,6 +1023,7 @@ type store struct {
 	snapshot    func() snapshot // the hub's channels and the last change they include
 
 	// Owned by the run goroutine.
+	lock     *os.File // PATH.lock, held while the store lives
 	journal  *os.File
 	appended int  // changes in the journal
 	torn     bool // a journal write failed: rewrite the snapshot before appending again
@@ -1021,21 +1063,43 @@ type storedChannel struct {
 // snapshot from them. A missing file is an empty state; one that cannot be
 // read or parsed is an error, never silently an empty state.
 func openStore(path string, writeSynced func(*os.File, []byte) error, log *slog.Logger, st *stats) (*store, []storedChannel, error) {
-	channels, seq, err := loadState(path, log)
+	lock, err := lockState(path)
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := writeSnapshot(path, snapshot{1, seq, channels}, writeSynced); err != nil {
+	channels, seq, err := loadState(path, log)
+	if err == nil {
+		err = writeSnapshot(path, snapshot{1, seq, channels}, writeSynced)
+	}
+	if err != nil {
+		lock.Close()
 		return nil, nil, err
 	}
 	journal, err := os.OpenFile(path+".journal", os.O_WRONLY|os.O_APPEND|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
+		lock.Close()
 		return nil, nil, fmt.Errorf("open state journal: %w", err)
 	}
 	return &store{
-		path: path, log: log, stats: st, writeSynced: writeSynced, journal: journal,
+		path: path, log: log, stats: st, writeSynced: writeSynced, lock: lock, journal: journal,
 		last: seq, durable: seq, written: make(chan struct{}), wake: make(chan struct{}, 1),
 	}, channels, nil
+}
+
+// lockState takes PATH.lock for as long as this process lives: a second
+// daemon on the same state would overwrite the first one's files.
+func lockState(path string) (*os.File, error) {
+	lock, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE, 0o600)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("lock state file: directory %s does not exist (create it, mode 0700)", filepath.Dir(path))
+	} else if err != nil {
+		return nil, fmt.Errorf("lock state file: %w", err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("state file %s is in use by another gockets (%s.lock is locked): %w", path, path, err)
+	}
+	return lock, nil
 }
 
 // loadState reads the snapshot and replays the journal over it.
@@ -1184,11 +1248,11 @@ func (st *store) put(ch *channel) uint64 {
 	return st.add(record{Channel: ch.stored()})
 }
 
-func (st *store) remove(ch *channel) uint64 {
+func (st *store) remove(sc storedChannel) uint64 {
 	if st == nil {
 		return 0
 	}
-	return st.add(record{Delete: true, Channel: ch.stored()})
+	return st.add(record{Delete: true, Channel: sc})
 }
 
 func (st *store) add(r record) uint64 {
@@ -1207,6 +1271,10 @@ func (st *store) add(r record) uint64 {
 func (ch *channel) stored() storedChannel {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
+	return ch.storedLocked()
+}
+
+func (ch *channel) storedLocked() storedChannel {
 	return storedChannel{ch.publisherToken, ch.subscriberToken, ch.hookURL, ch.tag}
 }
 
@@ -1254,8 +1322,8 @@ func (st *store) run(quit <-chan struct{}) {
 			if err := st.save(true); err != nil {
 				st.log.Error("last state save failed", "err", err)
 			}
-			if err := st.journal.Close(); err != nil {
-				st.log.Error("close state journal", "err", err)
+			if err := errors.Join(st.journal.Close(), st.lock.Close()); err != nil {
+				st.log.Error("close state files", "err", err)
 			}
 			return
 		}
@@ -1340,7 +1408,7 @@ func (h *hub) snapshot() snapshot {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	snap := snapshot{Version: 1, Seq: h.store.lastSeq()}
-	for _, ch := range h.allLocked() {
+	for _, ch := range oldestFirst(slices.Collect(maps.Values(h.byPublisher))) {
 		snap.Channels = append(snap.Channels, ch.stored())
 	}
 	return snap
@@ -1360,7 +1428,8 @@ const (
 
 // farewell says why a subscriber ends: the close code and reason it is
 // sent, whether the messages still queued go out first (drain), and
-// whether the write under way is cut short because the peer is stuck.
+// whether the write under way gets only closeGrace more, because the peer
+// may be stuck.
 type farewell struct {
 	code   int
 	reason string
@@ -1369,10 +1438,10 @@ type farewell struct {
 }
 
 // subscriber is one connection to a channel: a WebSocket or an SSE stream.
-// One writer owns every write to it, pings included; for a WebSocket the
-// handler goroutine reads, and the writer is a goroutine of its own; for
-// SSE there is nothing to read and the handler goroutine is the writer. A
-// hook worker runs while messages wait for the hook. stop ends them all.
+// One writer owns every write to it, pings included. A WebSocket has a
+// reader goroutine and a writer goroutine of its own; an SSE stream has
+// nothing to read, and its handler goroutine is the writer. A hook worker
+// runs while messages wait for the hook. stop ends them all.
 type subscriber struct {
 	id        uint64
 	hub       *hub
@@ -1380,8 +1449,9 @@ type subscriber struct {
 	transport string // "websocket" or "sse"
 	log       *slog.Logger
 
-	index  int  // in ch.subscribers, guarded by ch.mu; -1 once removed
-	joined bool // set by join, under ch.mu: stop reports a disconnect only then
+	index       int        // in ch.subscribers, guarded by ch.mu; -1 once removed
+	joined      bool       // set by join, under ch.mu: stop reports a disconnect only then
+	fromBacklog []*message // what join handed over from the backlog, under ch.mu
 
 	mu          sync.Mutex
 	peer        peer       // set when serving starts
@@ -1389,13 +1459,14 @@ type subscriber struct {
 	pong        []byte     // payload of a ping to answer, nil if none
 	pingDue     bool       // time to ping (SSE: to send a heartbeat)
 	bye         farewell   // set once, by stop
+	broken      bool       // a write failed: the stream may hold half a frame
 	hookQueue   []hookItem
 	hookRunning bool
+	hookBytes   int    // of the bodies in hookQueue
 	hookDropped bool   // a drop was logged; cleared once the queue drains
 	hookSeq     uint64 // items queued for the hook, for delivery ids
 
 	wake     chan struct{} // the writer has something to do
-	quit     chan struct{} // closed by stop
 	stopOnce sync.Once
 	done     chan struct{} // closed when the writer has finished
 }
@@ -1410,7 +1481,6 @@ func (h *hub) newSubscriber(ch *channel, transport string) *subscriber {
 		log:       h.log.With("channel", fingerprint(ch.subscriberToken), "subscriber", id, "transport", transport),
 		index:     -1,
 		wake:      make(chan struct{}, 1),
-		quit:      make(chan struct{}),
 		done:      make(chan struct{}),
 	}
 }
@@ -1449,6 +1519,9 @@ func (s *subscriber) begin(p peer) {
 	s.mu.Lock()
 	s.peer = p
 	s.mu.Unlock()
+	s.ch.mu.Lock()
+	s.fromBacklog = nil // only unjoin needed it
+	s.ch.mu.Unlock()
 	s.log.Debug("subscriber connected")
 }
 
@@ -1459,17 +1532,21 @@ func (s *subscriber) stop(bye farewell) {
 		listeners := s.ch.leave(s)
 		s.mu.Lock()
 		s.bye = bye
-		if bye.abort && s.peer != nil {
-			// Cut the write under way: the peer is not reading.
-			if err := s.peer.setWriteDeadline(time.Now()); err != nil {
+		if (bye.abort || bye.drain) && s.peer != nil && !s.broken {
+			// The peer may not be reading: the write under way gets
+			// closeGrace (or drainWait) to finish, not writeWait.
+			wait := closeGrace
+			if bye.drain {
+				wait = drainWait
+			}
+			if err := s.peer.setWriteDeadline(time.Now().Add(wait)); err != nil {
 				s.log.Debug("set write deadline", "err", err)
 			}
 		}
 		s.mu.Unlock()
-		close(s.quit)
 		s.signal()
 		if s.joined { // leave, under ch.mu, ordered this read after join's write
-			s.presence("disconnect", listeners, &bye)
+			s.presence("disconnect", listeners, &bye, s.ch.hookDestination())
 		}
 	})
 }
@@ -1513,18 +1590,18 @@ func (s *subscriber) readLoop(ws *websocket.Conn) farewell {
 			return farewell{closeGoingAway, "connection lost", false, true}
 		}
 		h := parseFrameHeader(fr.HeaderReader(), fr.Len())
+		if !failed {
+			if bye, bad := h.problem(inMessage, int64(len(msg)), s.hub.cfg.maxMessageBytes); bad {
+				failed = true
+				s.stop(bye)
+			}
+		}
 		if h.opcode == websocket.CloseFrame && h.length <= 125 {
 			payload := make([]byte, h.length)
 			if _, err := io.ReadFull(fr, payload); err != nil {
 				return farewell{closeGoingAway, "connection lost", false, true}
 			}
 			return farewell{peerCloseCode(payload), "closed by peer", false, false}
-		}
-		if !failed {
-			if bye, bad := h.problem(inMessage, int64(len(msg)), s.hub.cfg.maxMessageBytes); bad {
-				failed = true
-				s.stop(bye)
-			}
 		}
 		if failed {
 			if _, err := io.Copy(io.Discard, fr); err != nil {
@@ -1583,7 +1660,7 @@ func (s *subscriber) extendReadDeadline() {
 type frameHeader struct {
 	fin, rsv, masked bool
 	opcode           byte
-	length           int64 // of the payload; -1 when it does not fit
+	length           int64 // of the payload
 }
 
 // parseFrameHeader reads the bits x/net/websocket parsed but does not expose.
@@ -1598,10 +1675,7 @@ func parseFrameHeader(r io.Reader, frameLen int) frameHeader {
 		rsv:    raw[0]&0x70 != 0,
 		opcode: raw[0] & 0x0f,
 		masked: raw[1]&0x80 != 0,
-		length: int64(frameLen) - int64(len(raw)),
-	}
-	if h.length < 0 {
-		h.length = -1
+		length: int64(frameLen - len(raw)), // x/net's int overflow, if any, cancels out
 	}
 	return h
 }
@@ -1613,7 +1687,7 @@ func (h frameHeader) problem(inMessage bool, msgBytes, limit int64) (farewell, b
 	switch {
 	case !h.masked || h.rsv:
 		return farewell{closeProtocolError, "client frames must be masked and use no extensions", false, false}, true
-	case control && (!h.fin || h.length < 0 || h.length > 125):
+	case control && (!h.fin || h.length > 125):
 		return farewell{closeProtocolError, "bad control frame", false, false}, true
 	case control && h.opcode > websocket.PongFrame:
 		return farewell{closeProtocolError, "unknown opcode", false, false}, true
@@ -1625,7 +1699,7 @@ func (h frameHeader) problem(inMessage bool, msgBytes, limit int64) (farewell, b
 		return farewell{closeProtocolError, "new message before the last one ended", false, false}, true
 	case h.opcode > websocket.BinaryFrame:
 		return farewell{closeProtocolError, "unknown opcode", false, false}, true
-	case h.length < 0 || h.length > limit-msgBytes:
+	case h.length > limit-msgBytes:
 		return farewell{closeTooBig, "message too big", false, false}, true
 	}
 	return farewell{}, false
@@ -1634,8 +1708,11 @@ func (h frameHeader) problem(inMessage bool, msgBytes, limit int64) (farewell, b
 // peerCloseCode is the code to echo to a peer's close frame: its own when
 // that is a code a peer may send (RFC 6455, 7.4), else 1002.
 func peerCloseCode(payload []byte) int {
-	if len(payload) < 2 {
+	switch len(payload) {
+	case 0:
 		return closeNormal
+	case 1:
+		return closeProtocolError // a code is two bytes
 	}
 	code := int(payload[0])<<8 | int(payload[1])
 	switch {
@@ -1683,7 +1760,7 @@ func (s *subscriber) writeLoop() {
 		if ping {
 			pinger.Reset(interval)
 		}
-		if err := s.write(batch, pong, ping); err != nil {
+		if err := s.write(batch, pong, ping, writeWait); err != nil {
 			s.log.Debug("write failed", "err", err)
 			s.stop(farewell{closeGoingAway, "write failed", false, true})
 		}
@@ -1691,12 +1768,21 @@ func (s *subscriber) writeLoop() {
 	}
 }
 
-// write sends a ping, a pong and the queued messages, under one deadline.
-func (s *subscriber) write(batch []*message, pong []byte, ping bool) error {
+// write sends a ping, a pong and the queued messages, within wait. A
+// failed write marks the stream broken: nothing more is written to it.
+func (s *subscriber) write(batch []*message, pong []byte, ping bool, wait time.Duration) (err error) {
 	if len(batch) == 0 && pong == nil && !ping {
 		return nil
 	}
-	if err := s.armWrite(writeWait); err != nil {
+	defer func() {
+		if err != nil {
+			s.mu.Lock()
+			s.broken = true
+			s.mu.Unlock()
+			s.hub.stats.droppedGone.Add(int64(len(batch)))
+		}
+	}()
+	if err := s.armWrite(wait); err != nil {
 		return err
 	}
 	if ping {
@@ -1735,18 +1821,16 @@ func (s *subscriber) finish(bye farewell, batch []*message) {
 	case !bye.drain:
 		s.hub.stats.droppedGone.Add(int64(len(batch)))
 	default:
-		if err := s.write(batch, nil, false); err != nil {
+		if err := s.write(batch, nil, false, drainWait); err != nil {
 			s.log.Debug("final flush", "err", err)
 		}
 	}
-	if !bye.abort {
-		err := s.armWrite(closeGrace)
-		if err == nil {
-			err = s.peer.goodbye(bye)
-		}
-		if err != nil {
-			s.log.Debug("write goodbye", "err", err)
-		}
+	err := s.armWrite(closeGrace)
+	if err == nil {
+		err = s.peer.goodbye(bye)
+	}
+	if err != nil {
+		s.log.Debug("write goodbye", "err", err)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -1755,12 +1839,13 @@ func (s *subscriber) finish(bye farewell, batch []*message) {
 	}
 }
 
-// armWrite sets the write deadline, unless stop has cut writes short.
+// armWrite sets the write deadline, unless a write has failed: then the
+// stream may end in half a frame, and nothing more may follow it.
 func (s *subscriber) armWrite(wait time.Duration) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.bye.abort {
-		return errors.New("connection abandoned")
+	if s.broken {
+		return errors.New("an earlier write failed")
 	}
 	if err := s.peer.setWriteDeadline(time.Now().Add(wait)); err != nil {
 		return fmt.Errorf("set write deadline: %w", err)
@@ -1826,10 +1911,10 @@ func (p wsPeer) frame(opcode byte, payload []byte) error {
 }
 
 // frameBatch is where x/net/websocket's buffered writer flushes. Outside a
-// batch it writes straight to the connection; between gather and end it
-// collects the frames in a buffer lent by the hub, so that an idle
-// subscriber holds none, and writes them at once, arming the write
-// deadline before every write to the socket.
+// batch it writes straight to the connection, under the deadline the writer
+// armed; between gather and end it collects the frames in a buffer lent by
+// the hub, so that an idle subscriber holds none, and writes them at once,
+// arming the deadline before each write to the socket.
 type frameBatch struct {
 	conn net.Conn
 	pool *sync.Pool
@@ -1976,7 +2061,7 @@ func (s *subscriber) forward(body []byte, binary bool) {
 	if binary {
 		contentType = "application/octet-stream"
 	}
-	s.push(contentType, "", body)
+	s.push(s.ch.hookDestination(), contentType, "", body)
 }
 
 // presenceEvent is the body of a presence event.
@@ -1993,8 +2078,8 @@ type presenceEvent struct {
 // connected or disconnected. It goes through the subscriber's own queue, so
 // the backend sees connect first, then the subscriber's messages, then
 // disconnect.
-func (s *subscriber) presence(event string, listeners int, bye *farewell) {
-	if !s.hub.cfg.hookEvents {
+func (s *subscriber) presence(event string, listeners int, bye *farewell, target string) {
+	if !s.hub.cfg.hookEvents || target == "" {
 		return
 	}
 	e := presenceEvent{Event: event, Channel: s.ch.subscriberToken, Transport: s.transport, Listeners: listeners}
@@ -2006,24 +2091,21 @@ func (s *subscriber) presence(event string, listeners int, bye *farewell) {
 		s.log.Error("encode presence event", "err", err)
 		return
 	}
-	s.push("application/json", event, body)
+	s.push(target, "application/json", event, body)
 }
 
-// push queues an item for the channel's hook. Items from one connection are
-// delivered in order by one worker goroutine, which runs only while items
-// wait.
-func (s *subscriber) push(contentType, event string, body []byte) {
-	target := s.ch.hookDestination()
+// push queues an item for the hook at target. Items from one connection
+// are delivered in order by one worker goroutine, which runs only while
+// items wait. The queue is bounded in items and in bytes.
+func (s *subscriber) push(target, contentType, event string, body []byte) {
 	if target == "" {
-		if event == "" {
-			s.hub.stats.hookNoHook.Add(1)
-			s.log.Debug("frame dropped: channel has no hook", "bytes", len(body))
-		}
+		s.hub.stats.hookNoHook.Add(1)
+		s.log.Debug("frame dropped: channel has no hook", "bytes", len(body))
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if len(s.hookQueue) >= hookQueueLimit {
+	if len(s.hookQueue) >= hookQueueLimit || s.hookBytes+len(body) > hookQueueBytes && len(s.hookQueue) > 0 {
 		s.hub.stats.hookQueueFull.Add(1)
 		if !s.hookDropped {
 			s.log.Warn("hook queue full: dropping frames until it drains", "queued", len(s.hookQueue))
@@ -2034,6 +2116,7 @@ func (s *subscriber) push(contentType, event string, body []byte) {
 	s.hookSeq++
 	id := fmt.Sprintf("%s.%d.%d", s.hub.bootID, s.id, s.hookSeq)
 	s.hookQueue = append(s.hookQueue, hookItem{target, s.ch.subscriberToken, id, contentType, event, body})
+	s.hookBytes += len(body)
 	if !s.hookRunning {
 		s.hookRunning = true
 		s.hub.hookWorkers.Add(1)
@@ -2055,6 +2138,7 @@ func (s *subscriber) deliverHooks() {
 		item := s.hookQueue[0]
 		s.hookQueue[0] = hookItem{}
 		s.hookQueue = s.hookQueue[1:]
+		s.hookBytes -= len(item.body)
 		s.mu.Unlock()
 		if err := s.hub.deliver(item); err != nil {
 			s.hub.stats.hookFailed.Add(1)
@@ -2078,7 +2162,6 @@ func (h *hub) deliver(item hookItem) error {
 		if !retry || attempt >= policy.attempts {
 			return fmt.Errorf("attempt %d of %d: %w", attempt, policy.attempts, err)
 		}
-		h.stats.hookRetried.Add(1)
 		t := time.NewTimer(backoff)
 		select {
 		case <-t.C:
@@ -2086,6 +2169,7 @@ func (h *hub) deliver(item hookItem) error {
 			t.Stop()
 			return fmt.Errorf("shutting down after attempt %d: %w", attempt, err)
 		}
+		h.stats.hookRetried.Add(1)
 		backoff = min(2*backoff, policy.backoffMax)
 	}
 }
@@ -2110,6 +2194,10 @@ func (h *hub) post(item hookItem) (retry bool, err error) {
 	}
 	resp, err := h.hooks.Do(req)
 	if err != nil {
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err // without the URL, whose query may hold a secret
+		}
 		return true, fmt.Errorf("post hook: %w", err)
 	}
 	defer resp.Body.Close()
@@ -2455,7 +2543,7 @@ func (h *hub) handleDelete(w http.ResponseWriter, r *http.Request) {
 		notFound(w, "publisher")
 		return
 	}
-	seq, ok := h.delete(ch, farewell{closeNormal, "channel deleted", true, false})
+	seq, ok := h.delete(ch, farewell{closeNormal, "channel deleted", true, false}, 0)
 	if !ok {
 		notFound(w, "publisher")
 		return
@@ -2481,6 +2569,10 @@ func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 		notFound(w, "subscriber")
 		return
 	}
+	if h.closing.Load() {
+		reply(w, http.StatusServiceUnavailable, "ERR", "shutting down")
+		return
+	}
 	switch {
 	case strings.EqualFold(r.Header.Get("Upgrade"), "websocket"):
 		h.subscribeWebSocket(w, r, ch)
@@ -2504,16 +2596,19 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 	s := h.newSubscriber(ch, "websocket")
 	conn := &keptConn{}
 	out := &frameBatch{pool: &h.batches, arm: func() error { return s.armWrite(writeWait) }}
+	joined := false
 	websocket.Server{
-		Handshake: func(_ *websocket.Config, req *http.Request) error {
+		Handshake: func(cfg *websocket.Config, req *http.Request) error {
 			req.Header, req.URL = nil, nil // read by now, and x/net keeps req
+			// x/net refuses a client that offers more than one subprotocol;
+			// take its first, as a server that knows none may.
+			cfg.Protocol = cfg.Protocol[:min(len(cfg.Protocol), 1)]
 			// Joining before the 101 is sent makes listeners count a
-			// subscriber by the time it can see the upgrade.
-			listeners, ok := h.join(ch, s, false, 0)
-			if !ok {
+			// subscriber by the time it can see the upgrade. Between the
+			// lookup and here the channel may have gone (a 403 without body).
+			if joined = h.join(ch, s, false, 0); !joined {
 				return errors.New("channel deleted or shutting down")
 			}
-			s.presence("connect", listeners, nil)
 			return nil
 		},
 		Handler: func(ws *websocket.Conn) {
@@ -2522,7 +2617,9 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 		},
 	}.ServeHTTP(takeover{w, conn, out}, &http.Request{Method: r.Method, URL: r.URL, Header: r.Header, Host: r.Host, TLS: r.TLS})
 	if !conn.kept {
-		s.stop(farewell{closeGoingAway, "handshake failed", false, false}) // leaves the channel
+		if joined { // the upgrade failed after the join
+			h.unjoin(ch, s)
+		}
 		h.connections.Done()
 	}
 }
@@ -2580,8 +2677,7 @@ func (h *hub) subscribeSSE(w http.ResponseWriter, r *http.Request, ch *channel) 
 	h.connections.Add(1)
 	defer h.connections.Done()
 	s := h.newSubscriber(ch, "sse")
-	listeners, ok := h.join(ch, s, resume, lastID)
-	if !ok {
+	if !h.join(ch, s, resume, lastID) {
 		reply(w, http.StatusServiceUnavailable, "ERR", "channel deleted or shutting down")
 		return
 	}
@@ -2590,7 +2686,6 @@ func (h *hub) subscribeSSE(w http.ResponseWriter, r *http.Request, ch *channel) 
 	defer context.AfterFunc(r.Context(), func() {
 		s.stop(farewell{closeGoingAway, "connection lost", false, true})
 	})()
-	s.presence("connect", listeners, nil)
 	header := w.Header()
 	header.Set("Content-Type", "text/event-stream")
 	header.Set("Cache-Control", "no-cache")
@@ -2770,7 +2865,7 @@ func newServer(cfg config, h *hub, log *slog.Logger) *http.Server {
 		WriteTimeout:      cfg.writeTimeout,
 		IdleTimeout:       cfg.idleTimeout,
 		MaxHeaderBytes:    cfg.maxHeaderBytes,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn), // "too many open files" matters
 	}
 }
 
@@ -2780,8 +2875,10 @@ func newServer(cfg config, h *hub, log *slog.Logger) *http.Server {
 func shutdown(srv *http.Server, h *hub) error {
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
-	h.closeAll()
-	errs := []error{srv.Shutdown(ctx), h.wait(ctx)}
+	served := make(chan error, 1)
+	go func() { served <- srv.Shutdown(ctx) }() // closes the listeners at once
+	h.closeAll()                                // SSE streams end, so Shutdown can finish
+	errs := []error{<-served, h.wait(ctx)}
 	h.stop()
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("shutdown: %w", err)

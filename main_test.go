@@ -1012,14 +1012,9 @@ func TestSubscribeIsOpenToAnyHostAndNoOrigin(t *testing.T) {
 	}
 }
 
-func TestSubscribeRefusesWhatIsNotAnUpgrade(t *testing.T) {
+func TestSubscribeToUnknownTokenIs404(t *testing.T) {
 	d := startDaemon(t)
-	ch := d.prepare("")
-	status, _, body := d.call("GET", "/channel/subscribe/"+ch.SubscriberToken, "")
-	if status != 400 || !strings.Contains(body, `"type":"ERR"`) {
-		t.Errorf("plain GET on subscribe: %d %s", status, body)
-	}
-	status, _, body = d.call("GET", "/channel/subscribe/nope", "")
+	status, _, body := d.call("GET", "/channel/subscribe/nope", "")
 	if status != 404 || body != `{"type":"ERR","message":"subscriber token not found"}`+"\n" {
 		t.Errorf("unknown subscriber token: %d %s", status, body)
 	}
@@ -1089,8 +1084,12 @@ func TestHelpPrintsEveryFlag(t *testing.T) {
 	if err := run(context.Background(), []string{"-h"}, func(string) string { return "" }, &stdout, io.Discard); err != nil {
 		t.Fatalf("run -h: %v", err)
 	}
-	for _, name := range []string{"-port", "-host-name", "-log-level", "-ping-interval"} {
-		if !strings.Contains(stdout.String(), "  "+name+" ") {
+	for _, name := range []string{"-port", "-bind", "-host-name", "-log-level", "-ping-interval", "-admin-token",
+		"-admin-allow", "-trust-proxy", "-allowed-origins", "-tls-cert", "-tls-key", "-max-message-bytes",
+		"-max-request-bytes", "-max-header-bytes", "-read-header-timeout", "-read-timeout", "-write-timeout",
+		"-idle-timeout", "-hook-timeout", "-hook-secret", "-hook-events", "-state-file", "-backlog",
+		"-backlog-ttl", "-channel-ttl", "-version"} {
+		if !regexp.MustCompile(`(?m)^  ` + name + `( |$)`).MatchString(stdout.String()) {
 			t.Errorf("-h does not describe %s:\n%s", name, stdout.String())
 		}
 	}
@@ -1241,7 +1240,7 @@ func TestBadInputIsRefusedAndChangesNothing(t *testing.T) {
 		{"malformed JSON", `{"tag": "x"`, "body is not a valid JSON object: unexpected EOF"},
 		{"not an object", `"just a string"`, "body is not a valid JSON object: json: cannot unmarshal string"},
 		{"a non-empty array", `[1]`, "body is not a valid JSON object: json: cannot unmarshal array"},
-		{"two objects", `{} {}`, "body has data after the JSON object"},
+		{"two objects", `{} {}`, "body is not a valid JSON object: data after the JSON value"},
 		{"unknown field", `{"hook": "http://x"}`, `body is not a valid JSON object: json: unknown field "hook"`},
 		{"hook of the wrong type", `{"subscriber_message_hook_url": 5}`, "subscriber_message_hook_url must be a string or null"},
 		{"tag of the wrong type", `{"tag": ["a"]}`, "tag must be a string or null"},
@@ -1368,6 +1367,8 @@ func TestSubscriberFramesAreCheckedAndReassembled(t *testing.T) {
 		{"continuation first", func(c *wsClient) { c.send(true, websocket.ContinuationFrame, []byte("x")) }, closeProtocolError},
 		{"unknown opcode", func(c *wsClient) { c.send(true, 3, []byte("x")) }, closeProtocolError},
 		{"fragmented ping", func(c *wsClient) { c.send(false, websocket.PingFrame, []byte("x")) }, closeProtocolError},
+		{"unmasked close", func(c *wsClient) { c.sendFrame(true, websocket.CloseFrame, closePayload(closeNormal), false) }, closeProtocolError},
+		{"one-byte close", func(c *wsClient) { c.send(true, websocket.CloseFrame, []byte{3}) }, closeProtocolError},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1455,7 +1456,8 @@ func TestSlowSubscriberIsDroppedOthersGetEverything(t *testing.T) {
 		err := c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
 		return errors.Join(err, serr)
 	}}
-	if slow, _ := dialWSWith(t, small, d.wsURL(ch.SubscriberToken), nil); slow == nil {
+	slow, _ := dialWSWith(t, small, d.wsURL(ch.SubscriberToken), nil)
+	if slow == nil {
 		t.Fatal("slow subscriber not connected")
 	}
 
@@ -1493,6 +1495,12 @@ func TestSlowSubscriberIsDroppedOthersGetEverything(t *testing.T) {
 	}
 	if !strings.Contains(d.logs.String(), `level=WARN msg="subscriber too slow: disconnected"`) {
 		t.Errorf("no warning for the slow subscriber:\n%s", d.logs)
+	}
+	// Its write under way was cut (it never read), so no close frame can
+	// follow: what it gets is what the kernel held, then the end.
+	slow.conn.SetReadDeadline(time.Now().Add(waitTimeout))
+	if _, err := io.Copy(io.Discard, slow.br); err != nil && !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("slow subscriber's connection not ended: %v", err)
 	}
 }
 
@@ -1562,20 +1570,15 @@ func TestHookRedirectsAreNotFollowedAndSpentFramesDropped(t *testing.T) {
 	elsewhere := startHook(t, nil)
 	var calls atomic.Int32
 	hook := startHook(t, func(r *http.Request) int {
-		switch n := calls.Add(1); {
-		case n == 1:
-			return http.StatusFound // Location is set below
-		case n <= 4:
+		if calls.Add(1) <= 3 {
 			return http.StatusServiceUnavailable
 		}
 		return http.StatusOK
 	})
 	redirecting := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Location", elsewhere.url)
 		http.Redirect(w, r, elsewhere.url, http.StatusFound)
 	}))
 	t.Cleanup(redirecting.Close)
-	_ = hook
 
 	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, redirecting.URL))
 	ws := d.subscribe(ch.SubscriberToken)
@@ -1590,7 +1593,6 @@ func TestHookRedirectsAreNotFollowedAndSpentFramesDropped(t *testing.T) {
 	}
 
 	d.mustCall("PATCH", "/channel/edit/"+ch.PublisherToken, fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url), 200, nil)
-	calls.Store(1)
 	for _, f := range []string{"spent", "delivered"} {
 		if err := websocket.Message.Send(ws, f); err != nil {
 			t.Fatal(err)
@@ -1729,9 +1731,14 @@ func TestIdleChannelsExpire(t *testing.T) {
 }
 
 func TestChannelTTLIsOffByDefault(t *testing.T) {
-	d := startDaemon(t)
-	if d.hub.cfg.channelTTL != 0 {
-		t.Errorf("-channel-ttl defaults to %v, want 0 (off)", d.hub.cfg.channelTTL)
+	d := startDaemon(t, "-backlog-ttl", "20ms") // the janitor sweeps every 10 ms
+	ch := d.prepare("")
+	d.publish(ch.PublisherToken, "expires")
+	// Once the kept message has expired, the janitor has looked at the
+	// channel, idle for longer than that, and left it.
+	waitFor(t, "the janitor to sweep", func() bool { return d.hub.stats.droppedExpired.Load() == 1 })
+	if got := d.listeners(ch.PublisherToken); got != 0 {
+		t.Errorf("listeners %d", got)
 	}
 }
 
@@ -1928,12 +1935,13 @@ func TestDiskFullWhenSavingState(t *testing.T) {
 	if data, _ := os.ReadFile(state); !strings.Contains(string(data), `"channels": []`) {
 		t.Errorf("the snapshot changed: %s", data)
 	}
+	if after, _ := os.ReadFile(state + ".journal"); !bytes.HasPrefix(after, before) {
+		t.Errorf("the journal lost what it held:\nbefore %q\nafter  %q", before, after)
+	}
 	// The store answers the request, then counts and logs.
 	waitFor(t, "the failure to be counted and logged", func() bool {
 		return d.hub.stats.stateSaveFailure.Load() >= 1 && strings.Contains(d.logs.String(), "state not saved; channels are kept in memory")
 	})
-	_ = before
-
 	full.Store(false) // space is freed: the next retry writes everything
 	seq := d.hub.store.lastSeq()
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
@@ -2612,6 +2620,7 @@ func TestFlagsComeFromTheEnvironmentToo(t *testing.T) {
 		"GOCKETS_BACKLOG_TTL":   "3s",
 		"GOCKETS_ADMIN_ALLOW":   "10.0.0.0/8",
 	}
+	env["GOCKETS_VERSION"] = "1.2.3" // a deploy's version, not -version
 	getenv := func(k string) string { return env[k] }
 	cfg, err := parseConfig([]string{"-host-name", "from-flag"}, getenv, io.Discard)
 	if err != nil {
@@ -2693,7 +2702,7 @@ func scrape(t *testing.T, d *daemon) map[string]int64 {
 
 func TestMetricsAreExactAndMove(t *testing.T) {
 	hook := startHook(t, nil)
-	d := startDaemonWith(t, func(c *config) { c.sendQueue = 1 })
+	d := startDaemon(t)
 	before := scrape(t, d)
 	for _, want := range []string{
 		"gockets_channels", `gockets_subscribers{transport="websocket"}`, `gockets_subscribers{transport="sse"}`,
@@ -3128,13 +3137,115 @@ func TestRefusedSubscriberMakesNoPresenceEvent(t *testing.T) {
 	d := startDaemon(t, "-hook-events")
 	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
 	d.hub.closeAll() // shutdown has begun: joining is refused
-	if c, resp := dialWS(t, d.wsURL(ch.SubscriberToken), nil); c != nil || resp.StatusCode != http.StatusForbidden {
-		t.Fatalf("subscribe during shutdown: %v", resp.Status)
+	c, resp := dialWS(t, d.wsURL(ch.SubscriberToken), nil)
+	if c != nil {
+		t.Fatal("subscribed during shutdown")
+	}
+	if body, _ := io.ReadAll(resp.Body); resp.StatusCode != 503 || string(body) != `{"type":"ERR","message":"shutting down"}`+"\n" {
+		t.Errorf("subscribe during shutdown: %s %s", resp.Status, body)
 	}
 	if err := d.stop(); err != nil { // waits for queued hook requests
 		t.Fatal(err)
 	}
 	if n := len(hook.requests); n != 0 {
 		t.Errorf("%d presence events for a subscriber that never joined", n)
+	}
+}
+
+// ---- Edges found in review ----
+
+func TestSeveralSubprotocolsStillSubscribe(t *testing.T) {
+	d := startDaemon(t)
+	ch := d.prepare("")
+	d.publish(ch.PublisherToken, "kept")
+	c, resp := dialWS(t, d.wsURL(ch.SubscriberToken), http.Header{"Sec-Websocket-Protocol": {"v1, v2"}})
+	if c == nil {
+		t.Fatalf("a client offering two subprotocols: %s", resp.Status)
+	}
+	if got := resp.Header.Get("Sec-Websocket-Protocol"); got != "v1" {
+		t.Errorf("subprotocol %q, want the first offered", got)
+	}
+	c.expectText("kept")
+}
+
+func TestFailedUpgradeGivesTheBacklogBack(t *testing.T) {
+	d := startDaemon(t)
+	ch := d.prepare("")
+	d.publish(ch.PublisherToken, "kept")
+	c := d.hub.byPublisherToken(ch.PublisherToken)
+	s := d.hub.newSubscriber(c, "websocket")
+	if !d.hub.join(c, s, false, 0) {
+		t.Fatal("join refused")
+	}
+	d.hub.unjoin(c, s) // what subscribeWebSocket does when x/net's upgrade fails
+	if n := d.listeners(ch.PublisherToken); n != 0 {
+		t.Fatalf("listeners %d after a failed upgrade", n)
+	}
+	d.dial(ch.SubscriberToken).expectText("kept")
+}
+
+func TestSlowSubscriberIsCountedOnceUnderConcurrentPublishes(t *testing.T) {
+	d := startDaemonWith(t, func(c *config) { c.sendQueue = 1 }, "-log-level", "2")
+	ch := d.prepare("")
+	c := d.hub.byPublisherToken(ch.PublisherToken)
+	stuck := d.hub.newSubscriber(c, "websocket") // no writer: its queue never drains
+	d.hub.join(c, stuck, false, 0)
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Go(func() { d.hub.publish(c, &message{data: []byte("m")}) })
+	}
+	wg.Wait()
+	if n := d.hub.stats.slowDisconnects.Load(); n != 1 {
+		t.Errorf("one slow subscriber counted %d times", n)
+	}
+	if n := d.listeners(ch.PublisherToken); n != 0 {
+		t.Errorf("listeners %d", n)
+	}
+}
+
+func TestShutdownWithAStuckSubscriberIsBounded(t *testing.T) {
+	d := startDaemon(t, "-log-level", "2")
+	ch := d.prepare("")
+	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+		return errors.Join(err, serr)
+	}}
+	if c, _ := dialWSWith(t, small, d.wsURL(ch.SubscriberToken), nil); c == nil {
+		t.Fatal("not connected")
+	}
+	big := strings.Repeat("x", 60<<10)
+	for range 200 { // 12 MB: far more than the kernel holds for it
+		d.publish(ch.PublisherToken, big)
+	}
+	start := time.Now()
+	if err := d.stop(); err != nil {
+		t.Fatalf("shutdown: %v (exit status 1)", err)
+	}
+	if elapsed := time.Since(start); elapsed > shutdownTimeout-time.Second {
+		t.Errorf("shutdown took %v", elapsed)
+	} else {
+		t.Logf("shutdown with a stuck subscriber took %v", elapsed)
+	}
+}
+
+func TestStateFileIsLocked(t *testing.T) {
+	state := filepath.Join(t.TempDir(), "state.json")
+	d := startDaemon(t, "-state-file", state)
+	d.prepare(`{"tag": "first"}`)
+	journal, _ := os.ReadFile(state + ".journal")
+	err := run(context.Background(), []string{"-port", "0", "-state-file", state}, func(string) string { return "" }, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "is in use by another gockets") || exitStatus(err) != 1 {
+		t.Fatalf("a second daemon on the same state file: %v", err)
+	}
+	if after, _ := os.ReadFile(state + ".journal"); !bytes.Equal(after, journal) || len(journal) == 0 {
+		t.Errorf("the second daemon touched the journal:\n%q\n%q", journal, after)
+	}
+	d.prepare(`{"tag": "second"}`)
+	if err := d.stop(); err != nil {
+		t.Fatal(err)
+	}
+	if channels, _, err := loadState(state, d.hub.log); err != nil || len(channels) != 2 {
+		t.Errorf("state after: %+v, %v", channels, err)
 	}
 }
