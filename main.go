@@ -763,10 +763,9 @@ func (ch *channel) expire(now time.Time, ttl time.Duration, st *stats) {
 // subscriber has had yet, or, for an SSE client that resumes, everything
 // after the last id it saw. It fails when the channel is gone or we shut
 // down. closing is read under ch.mu, which closeAll takes after setting it,
-// so a subscriber either sees it or is seen by closeAll. It returns the
-// listeners counting s.
-// The connect presence event is queued here, under ch.mu, so that it
-// comes before any disconnect.
+// so a subscriber either sees it or is seen by closeAll. The connect
+// presence event is queued here, under ch.mu, so that it comes before any
+// disconnect.
 func (h *hub) join(ch *channel, s *subscriber, resume bool, lastID uint64) bool {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
