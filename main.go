@@ -2397,8 +2397,10 @@ func (r *redisEngine) start() {
 	h.background.Go(r.presence)
 	h.background.Go(func() {
 		<-h.quit
-		if _, err := r.cmd.do("ZREM", r.prefix+"nodes", r.node); err == nil {
-			_, err = r.cmd.do("DEL", r.nodeKey())
+		// Leave at once rather than nodeTTL later; best effort.
+		r.cmd.send(true, "ZREM", r.prefix+"nodes", r.node)
+		if _, err := r.cmd.do("DEL", r.nodeKey()); err != nil {
+			h.log.Warn("leaving redis", "err", err)
 		}
 		r.cancel()
 	})
