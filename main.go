@@ -2142,6 +2142,13 @@ func (o *redisOptions) dial(ctx context.Context) (net.Conn, error) {
 			return nil, fmt.Errorf("SELECT %d: %w", o.db, err)
 		}
 	}
+	// A frozen Redis still accepts connections (the kernel does): only an
+	// answer shows that it runs. Commands are never queued on a connection
+	// that did not answer, to be applied when Redis wakes up.
+	if err := hello("PING"); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("PING: %w", err)
+	}
 	if br.Buffered() > 0 {
 		conn.Close()
 		return nil, errProtocol
