@@ -3830,7 +3830,7 @@ func TestRedisFlags(t *testing.T) {
 		}
 	}
 	for raw, want := range map[string]redisOptions{
-		"redis://127.0.0.1":                 {addr: "127.0.0.1:6379", host: "127.0.0.1"},
+		"redis://127.0.0.1":                  {addr: "127.0.0.1:6379", host: "127.0.0.1"},
 		"rediss://u:p%40ss@redis.lan:7000/3": {addr: "redis.lan:7000", host: "redis.lan", tls: true, user: "u", password: "p@ss", db: 3},
 		"redis://:secret@[::1]:6380/0":       {addr: "[::1]:6380", host: "::1", password: "secret"},
 	} {
