@@ -62,6 +62,10 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
+// engineArgs are added to the flags of startDaemon: TestRedisPassesTheOneNodeTests
+// runs tests written for one node again with -redis.
+var engineArgs []string
+
 // startDaemon starts a hub with the flags a user would type, behind
 // httptest.NewServer.
 func startDaemon(t testing.TB, args ...string) *daemon {
@@ -72,7 +76,7 @@ func startDaemon(t testing.TB, args ...string) *daemon {
 // a sub-second ping interval.
 func startDaemonWith(t testing.TB, tweak func(*config), args ...string) *daemon {
 	t.Helper()
-	cfg, err := parseConfig(args, func(string) string { return "" }, io.Discard)
+	cfg, err := parseConfig(append(args, engineArgs...), func(string) string { return "" }, io.Discard)
 	if err != nil {
 		t.Fatalf("parseConfig(%q): %v", args, err)
 	}
@@ -3897,4 +3901,43 @@ func normalizeRESP(data []byte) []byte {
 		return nil
 	}
 	return encodeReply(nil, reply)
+}
+
+// The Redis engine passes the behaviour tests of the in-memory one: the same
+// tests, run again with -redis.
+func TestRedisPassesTheOneNodeTests(t *testing.T) {
+	rs := startRedis(t)
+	defer func() { engineArgs = nil }()
+	// Not here: tests that reach into the hub (its stats, its channels) or
+	// that check what differs by design: SSE ids (Redis's grow, but not by
+	// one), the backlog's drop counters (Redis trims and expires them).
+	for i, test := range []struct {
+		name string
+		run  func(*testing.T)
+	}{
+		{"RoutesAnswerTheContract", TestRoutesAnswerTheContract},
+		{"EditKeepsWhatItIsNotGiven", TestEditKeepsWhatItIsNotGiven},
+		{"SearchFiltersByTag", TestSearchFiltersByTag},
+		{"UnknownRoutesAndMethodsAnswerJSON", TestUnknownRoutesAndMethodsAnswerJSON},
+		{"BroadcastReachesEverySubscriberInOrderOnce", TestBroadcastReachesEverySubscriberInOrderOnce},
+		{"PublishSendsTheRawBody", TestPublishSendsTheRawBody},
+		{"FramesReachTheHookRawAndInOrder", TestFramesReachTheHookRawAndInOrder},
+		{"HookWithoutSchemeIsDeliveredOverHTTP", TestHookWithoutSchemeIsDeliveredOverHTTP},
+		{"ListenersIsExact", TestListenersIsExact},
+		{"DeleteClosesSubscribersAndForgetsTheChannel", TestDeleteClosesSubscribersAndForgetsTheChannel},
+		{"SubscribeToUnknownTokenIs404", TestSubscribeToUnknownTokenIs404},
+		{"BadInputIsRefusedAndChangesNothing", TestBadInputIsRefusedAndChangesNothing},
+		{"HookURLsAreKeptAsGiven", TestHookURLsAreKeptAsGiven},
+		{"BodiesAreLimited", TestBodiesAreLimited},
+		{"SlowSubscriberIsDroppedOthersGetEverything", TestSlowSubscriberIsDroppedOthersGetEverything},
+		{"MessagesWaitForTheNextSubscriber", TestMessagesWaitForTheNextSubscriber},
+		{"SSEResumesFromLastEventID", TestSSEResumesFromLastEventID},
+		{"BinaryMessagesBothWays", TestBinaryMessagesBothWays},
+		{"PresenceEventsOncePerChange", TestPresenceEventsOncePerChange},
+		{"TokensNeverReachTheLogs", TestTokensNeverReachTheLogs},
+		{"ShutdownClosesSubscribersAndFinishesRequests", TestShutdownClosesSubscribersAndFinishesRequests},
+	} {
+		engineArgs = []string{"-redis", rs.url(), "-redis-prefix", fmt.Sprintf("test%d:", i)}
+		t.Run(test.name, test.run)
+	}
 }
