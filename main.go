@@ -1853,18 +1853,20 @@ type redisClient struct {
 
 type redisConn struct {
 	net.Conn
-	br      *bufio.Reader
-	buf     []byte        // where commands are encoded, under the client's mu
-	pending []*redisCall  // written, waiting for their reply, in order; under mu
-	more    chan struct{} // pending grew, or the connection closed
-	closed  bool
+	br       *bufio.Reader
+	out      []byte        // commands not written yet, in order; under the client's mu
+	spare    []byte        // the last buffer written, for reuse; under mu
+	flushing bool          // a sender is writing out; under mu
+	pending  []*redisCall  // sent, waiting for their reply, in order; under mu
+	more     chan struct{} // pending grew, or the connection closed
+	closed   bool
 }
 
 // redisCall is one command on its way; done receives its outcome once.
 type redisCall struct {
 	deadline time.Time
 	done     chan redisResult // nil: nobody waits (its error is logged)
-	what     string
+	what     any              // the command's name, for that log
 }
 
 type redisResult struct {
@@ -1904,7 +1906,7 @@ func (e unavailable) Unwrap() error { return e.err }
 // send issues a command without waiting for its reply. quiet: nobody will
 // wait; a failure is only logged.
 func (c *redisClient) send(quiet bool, args ...any) *redisCall {
-	call := &redisCall{what: fmt.Sprint(args[0])}
+	call := &redisCall{what: args[0]}
 	if !quiet {
 		call.done = make(chan redisResult, 1)
 	}
@@ -1916,28 +1918,41 @@ func (c *redisClient) send(quiet bool, args ...any) *redisCall {
 		call.finish(c.log, nil, unavailable{err})
 		return call
 	}
-	now := time.Now()
-	call.deadline = now.Add(redisCommandTimeout)
-	rc.buf = appendCommand(rc.buf[:0], args...)
-	err := rc.SetWriteDeadline(call.deadline)
-	if err == nil {
-		_, err = rc.Write(rc.buf)
-	}
-	if cap(rc.buf) > 64<<10 {
-		rc.buf = nil // a big publish: do not keep its buffer
-	}
-	if err != nil {
-		c.mu.Unlock()
-		c.lost(rc, err)
-		call.finish(c.log, nil, unavailable{err})
-		return call
-	}
+	call.deadline = time.Now().Add(redisCommandTimeout)
+	rc.out = appendCommand(rc.out, args...)
 	rc.pending = append(rc.pending, call)
-	c.mu.Unlock()
 	select {
 	case rc.more <- struct{}{}:
 	default:
 	}
+	if rc.flushing { // the sender writing now writes this command too
+		c.mu.Unlock()
+		return call
+	}
+	// This sender writes what is gathered, and what gathers meanwhile:
+	// concurrent commands share a write.
+	rc.flushing = true
+	for len(rc.out) > 0 {
+		out := rc.out
+		rc.out = rc.spare[:0]
+		c.mu.Unlock()
+		err := rc.SetWriteDeadline(time.Now().Add(redisCommandTimeout))
+		if err == nil {
+			_, err = rc.Write(out)
+		}
+		c.mu.Lock()
+		if cap(out) <= 64<<10 { // a big publish: do not keep its buffer
+			rc.spare = out[:0]
+		}
+		if err != nil {
+			rc.flushing = false
+			c.mu.Unlock()
+			c.lost(rc, err) // fails every command written or not
+			return call
+		}
+	}
+	rc.flushing = false
+	c.mu.Unlock()
 	return call
 }
 
@@ -1945,22 +1960,26 @@ func (c *redisClient) send(quiet bool, args ...any) *redisCall {
 func (c *redisClient) do(args ...any) (any, error) { return c.send(false, args...).wait() }
 
 // read is the reader of rc: it hands each reply to the oldest command
-// waiting, until the connection fails.
+// waiting, until the connection fails. A command is taken out of pending
+// under mu before its reply is handed over, so that lost, which fails what
+// is left in pending, never answers a command twice.
 func (c *redisClient) read(rc *redisConn) {
+	var call *redisCall // the oldest command waiting
 	for {
-		c.mu.Lock()
-		var call *redisCall
-		if len(rc.pending) > 0 {
-			call = rc.pending[0]
-		}
-		closed := rc.closed
-		c.mu.Unlock()
-		if closed {
-			return
-		}
 		if call == nil {
-			<-rc.more
-			continue
+			c.mu.Lock()
+			closed := rc.closed
+			if len(rc.pending) > 0 {
+				call = rc.pending[0]
+			}
+			c.mu.Unlock()
+			if closed {
+				return
+			}
+			if call == nil {
+				<-rc.more
+				continue
+			}
 		}
 		err := rc.SetReadDeadline(call.deadline)
 		var reply any
@@ -1975,10 +1994,19 @@ func (c *redisClient) read(rc *redisConn) {
 			return
 		}
 		c.mu.Lock()
+		if rc.closed { // lost has failed it already
+			c.mu.Unlock()
+			return
+		}
 		rc.pending[0] = nil
 		rc.pending = rc.pending[1:]
+		answered := call
+		call = nil
+		if len(rc.pending) > 0 {
+			call = rc.pending[0]
+		}
 		c.mu.Unlock()
-		call.finish(c.log, reply, nil)
+		answered.finish(c.log, reply, nil)
 	}
 }
 
@@ -1989,7 +2017,7 @@ func (c *redisClient) lost(rc *redisConn, err error) {
 		c.conn, c.down = nil, err
 	}
 	waiting := rc.pending
-	rc.pending, rc.closed = nil, true
+	rc.pending, rc.out, rc.closed = nil, nil, true
 	c.mu.Unlock()
 	rc.Close()
 	select {
@@ -2049,6 +2077,9 @@ func (c *redisClient) keep(ctx context.Context, first net.Conn, connected func()
 			c.mu.Lock()
 			c.down = err
 			c.mu.Unlock()
+		}
+		if ctx.Err() != nil {
+			return
 		}
 		c.log.Warn("redis connection lost; connecting again", "addr", c.opts.addr, "err", err, "in", backoff)
 		if !sleep(ctx, jitter(backoff)) {
