@@ -3664,8 +3664,11 @@ func TestRedisRaceOfJoinAndPublishHandsEachMessageOnce(t *testing.T) {
 }
 
 func TestRedisOutagesAnswer503AndRecover(t *testing.T) {
-	rs := startRedis(t, "--appendonly", "yes", "--dir", t.TempDir())
-	a, b := startNode(t, rs.url()), startNode(t, rs.url())
+	// With a password and a database other than 0: every reconnect must
+	// send AUTH and SELECT again.
+	rs := startRedis(t, "--appendonly", "yes", "--dir", t.TempDir(), "--requirepass", "pw")
+	url := fmt.Sprintf("redis://:pw@127.0.0.1:%d/3", rs.port)
+	a, b := startNode(t, url), startNode(t, url)
 	ch := a.prepare(`{"tag": "kept"}`)
 	sub := b.dial(ch.SubscriberToken)
 	ev := a.sse(ch.SubscriberToken, "")
@@ -3733,7 +3736,35 @@ func TestRedisOutagesAnswer503AndRecover(t *testing.T) {
 		}
 	}
 	outage("redis killed and restarted with its data", false, rs.kill, rs.start)
-	outage("redis frozen", true, func() { rs.cmd.Process.Signal(syscall.SIGSTOP) }, func() { rs.cmd.Process.Signal(syscall.SIGCONT) })
+	outage("redis frozen", true, func() { rs.cmd.Process.Signal(syscall.SIGSTOP) }, func() {
+		// Frozen, the Pub/Sub connection says nothing: its probe finds it dead.
+		waitFor(t, "the Pub/Sub probe to notice", func() bool {
+			return strings.Contains(b.logs.String(), "not even an answer to PING")
+		})
+		rs.cmd.Process.Signal(syscall.SIGCONT)
+	})
+}
+
+func TestRedisLostAnnouncementsAreFilledFromTheStream(t *testing.T) {
+	rs := startRedis(t)
+	a, b := startNode(t, rs.url()), startNode(t, rs.url())
+	ch := a.prepare("")
+	sub := b.dial(ch.SubscriberToken)
+	a.publish(ch.PublisherToken, "0")
+	sub.expectText("0")
+	for round := 1; round <= 3; round++ {
+		// Every node's Pub/Sub connection is cut; what is published before
+		// they subscribe again reaches the subscriber all the same, in order.
+		rs.do("CLIENT", "KILL", "TYPE", "pubsub")
+		for i := range 3 {
+			a.publish(ch.PublisherToken, fmt.Sprint(round, ".", i))
+		}
+		for i := range 3 {
+			sub.expectText(fmt.Sprint(round, ".", i))
+		}
+	}
+	a.publish(ch.PublisherToken, "last")
+	sub.expectText("last")
 }
 
 func TestRedisWrongPasswordIsNamed(t *testing.T) {
