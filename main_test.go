@@ -3245,3 +3245,185 @@ func TestStateFileIsLocked(t *testing.T) {
 		t.Errorf("state after: %+v, %v", channels, err)
 	}
 }
+
+// ---- The examples of README.md ----
+
+// TestExamples runs examples/ as README.md does: php -S serves page.php and
+// hook.php, php-cli runs publish.php, against the real daemon.
+func TestExamples(t *testing.T) {
+	php := lookPHP(t)
+	const frame = `{"hello":"from the page"}`
+	tests := []struct {
+		name                    string
+		daemonSecret, phpSecret string
+		hookLog                 string // what php -S logs for the page's frame
+	}{
+		{"unsigned, as in the quick start", "", "", "hook: a browser sent " + frame},
+		{"signed", "s3cret", "s3cret", "hook: a browser sent " + frame},
+		{"unsigned, to a hook that wants a signature", "", "s3cret", "[401]: POST /hook.php"},
+		{"signed, to php-fpm without the secret", "s3cret", "", "the request is signed but GOCKETS_HOOK_SECRET is not in my environment"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			addr, _, _ := runDaemon(t, "-bind", "127.0.0.1", "-hook-secret", tc.daemonSecret)
+			d := &daemon{t: t, url: "http://" + addr}
+			env := []string{"GOCKETS_URL=http://localhost:" + strings.Split(addr, ":")[1], "TMPDIR=" + t.TempDir()}
+			if tc.phpSecret != "" {
+				env = append(env, "GOCKETS_HOOK_SECRET="+tc.phpSecret)
+			}
+			web, webLog := startPHPServer(t, php, env)
+
+			token := regexp.MustCompile(`const token = "([A-Z2-7]{26})";`)
+			page := func() string {
+				resp, err := http.Get(web + "/page.php")
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer resp.Body.Close()
+				body, err := io.ReadAll(resp.Body)
+				m := token.FindSubmatch(body)
+				if err != nil || resp.StatusCode != http.StatusOK || m == nil {
+					t.Fatalf("page.php: %d %v without a subscriber token:\n%s\nphp -S:\n%s", resp.StatusCode, err, body, webLog)
+				}
+				return string(m[1])
+			}
+			sub := page()
+			c, resp := dialWS(t, d.wsURL(sub), http.Header{"Origin": {web}})
+			if c == nil {
+				t.Fatalf("subscribe with page.php's token: %s", resp.Status)
+			}
+
+			out := runPHP(t, php, env, "examples/publish.php", "Your order has shipped")
+			if want := "sent \"Your order has shipped\" to demo-user's page: 1 subscriber(s)\n"; out != want {
+				t.Errorf("publish.php said %q, want %q", out, want)
+			}
+			c.expectText("Your order has shipped")
+			c.send(true, websocket.TextFrame, []byte(frame))
+			waitFor(t, "php -S to log "+tc.hookLog, func() bool { return strings.Contains(webLog.String(), tc.hookLog) })
+
+			if again := page(); again != sub {
+				t.Errorf("page.php prepared a second channel instead of reusing the user's")
+			}
+			var channels struct{ Channels []channelJSON }
+			d.mustCall("GET", "/channel", "", http.StatusOK, &channels)
+			d.mustCall("DELETE", "/channel/publish/"+channels.Channels[0].PublisherToken, "", http.StatusOK, nil)
+			if fresh := page(); fresh == sub {
+				t.Errorf("page.php kept a deleted channel")
+			}
+		})
+	}
+}
+
+// TestREADMEShowsTheExamples keeps the files README.md shows the same as
+// examples/, which TestExamples runs.
+func TestREADMEShowsTheExamples(t *testing.T) {
+	read := func(name string) string {
+		b, err := os.ReadFile(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	readme := read("README.md")
+	for _, name := range []string{"quickstart.html", "sse.html", "hook.php"} {
+		if !strings.Contains(readme, "```"+strings.TrimPrefix(filepath.Ext(name), ".")+"\n"+read("examples/"+name)+"```\n") {
+			t.Errorf("README.md does not show examples/%s as it is", name)
+		}
+	}
+	// README shows page.php's PHP, and says its page is the quick start's
+	// with two lines printed by PHP.
+	php, html, _ := strings.Cut(read("examples/page.php"), "?>\n")
+	if !strings.Contains(readme, "```php\n"+php+"?>\n```\n") {
+		t.Error("README.md does not show the PHP of examples/page.php as it is")
+	}
+	quickstart := strings.Split(read("examples/quickstart.html"), "\n")
+	printed := strings.Split(html, "\n")
+	if len(quickstart) != len(printed) {
+		t.Fatalf("page.php's page has %d lines, the quick start's %d", len(printed), len(quickstart))
+	}
+	for i := range printed {
+		if printed[i] != quickstart[i] && !strings.Contains(readme, "```js\n"+printed[i]+"\n") && !strings.Contains(readme, "\n"+printed[i]+"\n```\n") {
+			t.Errorf("page.php's line %q is neither the quick start's %q nor shown in README.md", printed[i], quickstart[i])
+		}
+	}
+}
+
+// lookPHP finds php-cli: under CI=true a missing php fails the test.
+func lookPHP(t *testing.T) string {
+	t.Helper()
+	php, err := exec.LookPath("php")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("php not found: the PHP examples need php-cli (.ci/run installs it)")
+		}
+		t.Skip("php not found: install php-cli to run the PHP examples")
+	}
+	return php
+}
+
+// phpEnv is the environment of a PHP example: this one without GOCKETS_*
+// (a developer's own settings), and env.
+func phpEnv(env []string) []string {
+	var kept []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, envPrefix) {
+			kept = append(kept, kv)
+		}
+	}
+	return append(kept, env...)
+}
+
+// startPHPServer runs php -S on examples/, as the quick start does, on a
+// free port of 127.0.0.1; it returns its URL and what it logs.
+func startPHPServer(t *testing.T, php string, env []string) (string, *syncBuffer) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // php takes the port over; another process taking it first fails the wait below
+	logs := &syncBuffer{}
+	cmd := exec.Command(php, "-S", addr, "-t", "examples")
+	cmd.Env = phpEnv(env)
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("php -S: %v", err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		cmd.Wait()
+		close(exited)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+		if t.Failed() {
+			t.Logf("php -S log:\n%s", logs)
+		}
+	})
+	waitFor(t, "php -S to start", func() bool {
+		select {
+		case <-exited:
+			t.Fatalf("php -S ended:\n%s", logs)
+		default:
+		}
+		return strings.Contains(logs.String(), "("+"http://"+addr+") started")
+	})
+	return "http://" + addr, logs
+}
+
+// runPHP runs a PHP example from the command line and returns its output.
+func runPHP(t *testing.T, php string, env []string, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(php, args...)
+	cmd.Env = phpEnv(env)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("php %s: %v\n%s%s", strings.Join(args, " "), err, out, stderr.String())
+	}
+	return string(out)
+}

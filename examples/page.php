@@ -11,7 +11,7 @@ $gockets = getenv('GOCKETS_WS_URL') ?: 'ws://127.0.0.1:8844'; // what the browse
 ?>
 <!doctype html>
 <meta charset="utf-8">
-<title>Gockets from PHP</title>
+<title>Gockets</title>
 <p id="connection">connecting…</p>
 <ul id="messages"></ul>
 <script>
@@ -27,7 +27,7 @@ $gockets = getenv('GOCKETS_WS_URL') ?: 'ws://127.0.0.1:8844'; // what the browse
     ws.onopen = () => {
       wait = 1000;
       connection.textContent = "connected";
-      ws.send(JSON.stringify({ hello: "from the page" })); // Gockets POSTs it to hook.php
+      ws.send(JSON.stringify({ hello: "from the page" })); // Gockets POSTs it to the hook
     };
     ws.onmessage = (event) => show(event.data);
     ws.onclose = (event) => {
