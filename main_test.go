@@ -836,7 +836,7 @@ func TestFramesWithoutHookAreDroppedAndLogged(t *testing.T) {
 	// frame before it has been dropped.
 	c.send(true, websocket.CloseFrame, closePayload(closeNormal))
 	c.expectClose(closeNormal)
-	if !strings.Contains(d.logs.String(), `level=DEBUG msg="frame dropped: channel has no hook"`) {
+	if !strings.Contains(d.logs.String(), `level=DEBUG msg="message dropped: channel has no hook"`) {
 		t.Errorf("no debug line for the dropped frame in:\n%s", d.logs)
 	}
 }
@@ -1132,7 +1132,7 @@ func TestLogLevels(t *testing.T) {
 	}
 }
 
-// runDaemon starts run() with args and -port 0, and returns its address,
+// runDaemon starts run() with args, -bind 127.0.0.1 and -port 0, and returns its address,
 // its log, and a function that stops it and returns what run returned.
 func runDaemon(t *testing.T, args ...string) (addr string, logs *addrWatcher, stop func() error) {
 	t.Helper()
@@ -1140,7 +1140,7 @@ func runDaemon(t *testing.T, args ...string) (addr string, logs *addrWatcher, st
 	logs = &addrWatcher{addr: make(chan string, 1)}
 	result := make(chan error, 1)
 	go func() {
-		result <- run(ctx, append([]string{"-port", "0"}, args...), func(string) string { return "" }, io.Discard, logs)
+		result <- run(ctx, append([]string{"-bind", "127.0.0.1", "-port", "0"}, args...), func(string) string { return "" }, io.Discard, logs)
 	}()
 	select {
 	case addr = <-logs.addr:
@@ -1605,7 +1605,7 @@ func TestHookRedirectsAreNotFollowedAndSpentFramesDropped(t *testing.T) {
 	if n := d.hub.stats.hookFailed.Load(); n != 2 {
 		t.Errorf("%d frames dropped, want 2", n)
 	}
-	if !strings.Contains(d.logs.String(), `msg="hook delivery failed; frame dropped"`) || !strings.Contains(d.logs.String(), "attempt 3 of 3") {
+	if !strings.Contains(d.logs.String(), `msg="hook delivery failed: message dropped"`) || !strings.Contains(d.logs.String(), "attempt 3 of 3") {
 		t.Errorf("drops not logged:\n%s", d.logs)
 	}
 }
@@ -1754,7 +1754,7 @@ type process struct {
 
 func startProcess(t *testing.T, args ...string) *process {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], append([]string{"-port", "0", "-log-level", "3"}, args...)...)
+	cmd := exec.Command(os.Args[0], append([]string{"-bind", "127.0.0.1", "-port", "0", "-log-level", "3"}, args...)...)
 	// atexit_sleep_ms: under -race, do not linger a second after exiting.
 	cmd.Env = append(os.Environ(), "GOCKETS_TEST_RUN_MAIN=1", "GORACE=atexit_sleep_ms=0")
 	logs := &addrWatcher{addr: make(chan string, 1)}
@@ -1873,7 +1873,7 @@ func TestCorruptStateStopsTheDaemon(t *testing.T) {
 			if tc.journal != "" {
 				os.WriteFile(state+".journal", []byte(tc.journal), 0o600)
 			}
-			err := run(context.Background(), []string{"-port", "0", "-state-file", state}, func(string) string { return "" }, io.Discard, io.Discard)
+			err := run(context.Background(), []string{"-bind", "127.0.0.1", "-port", "0", "-state-file", state}, func(string) string { return "" }, io.Discard, io.Discard)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("run = %v, want an error containing %q", err, tc.want)
 			}
@@ -1891,7 +1891,7 @@ func TestCorruptStateStopsTheDaemon(t *testing.T) {
 
 func TestMissingStateStartsEmptyAndTornJournalLineIsIgnored(t *testing.T) {
 	dir := t.TempDir()
-	err := run(context.Background(), []string{"-port", "0", "-state-file", filepath.Join(dir, "no", "such", "dir", "s.json")}, func(string) string { return "" }, io.Discard, io.Discard)
+	err := run(context.Background(), []string{"-bind", "127.0.0.1", "-port", "0", "-state-file", filepath.Join(dir, "no", "such", "dir", "s.json")}, func(string) string { return "" }, io.Discard, io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "does not exist (create it, mode 0700)") {
 		t.Errorf("state file in a missing directory: %v", err)
 	}
@@ -2414,28 +2414,40 @@ func TestForwardedForCountsOnlyFromTrustedProxies(t *testing.T) {
 	}
 }
 
+// TestOpenAdminAPIIsWarnedAbout: tests listen on 127.0.0.1 only, so the
+// warning's condition is tested on addresses, and the daemon once on loopback.
 func TestOpenAdminAPIIsWarnedAbout(t *testing.T) {
+	everywhere := &net.TCPAddr{IP: net.IPv6unspecified, Port: 8844}
 	tests := []struct {
 		args []string
+		addr net.Addr
 		warn bool
 	}{
-		{nil, true},
-		{[]string{"-bind", "127.0.0.1"}, false},
-		{[]string{"-admin-token", "t"}, false},
-		{[]string{"-admin-allow", "127.0.0.1"}, false},
+		{nil, everywhere, true},
+		{nil, &net.TCPAddr{IP: net.IPv4zero, Port: 8844}, true},
+		{nil, &net.TCPAddr{IP: net.ParseIP("192.0.2.1"), Port: 8844}, true},
+		{nil, &net.TCPAddr{IP: net.ParseIP("127.0.0.1"), Port: 8844}, false},
+		{nil, &net.TCPAddr{IP: net.IPv6loopback, Port: 8844}, false},
+		{[]string{"-admin-token", "t"}, everywhere, false},
+		{[]string{"-admin-allow", "127.0.0.1"}, everywhere, false},
 	}
 	for _, tc := range tests {
-		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
-			_, logs, _ := runDaemon(t, tc.args...)
-			if got := strings.Count(logs.String(), "the admin API is open to anyone who can reach this port"); got != map[bool]int{true: 1, false: 0}[tc.warn] {
-				t.Errorf("warned %d times, want warn=%v:\n%s", got, tc.warn, logs)
-			}
-		})
+		cfg, err := parseConfig(tc.args, func(string) string { return "" }, io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := adminOpen(cfg, tc.addr); got != tc.warn {
+			t.Errorf("%q on %v: adminOpen %v, want %v", tc.args, tc.addr, got, tc.warn)
+		}
+	}
+	_, logs, _ := runDaemon(t)
+	if strings.Contains(logs.String(), "the admin API is open") {
+		t.Errorf("warned on loopback:\n%s", logs)
 	}
 }
 
 func TestBindListensOnOneAddress(t *testing.T) {
-	addr, _, _ := runDaemon(t, "-bind", "127.0.0.1")
+	addr, _, _ := runDaemon(t)
 	_, port, _ := net.SplitHostPort(addr)
 	if conn, err := net.Dial("tcp", "127.0.0.1:"+port); err != nil {
 		t.Errorf("not listening on 127.0.0.1: %v", err)
@@ -2445,6 +2457,45 @@ func TestBindListensOnOneAddress(t *testing.T) {
 	if conn, err := net.Dial("tcp", "127.0.0.2:"+port); err == nil {
 		conn.Close()
 		t.Error("listening on 127.0.0.2 too")
+	}
+}
+
+// TestRefusedOriginsAreLoggedSparingly: a browser hides the 403 from its
+// page, so the log names the origin, at most once per refusalLogEvery.
+func TestRefusedOriginsAreLoggedSparingly(t *testing.T) {
+	d := startDaemon(t, "-allowed-origins", "https://app.example.com")
+	ch := d.prepare("")
+	for range 3 {
+		if c, resp := dialWS(t, d.wsURL(ch.SubscriberToken), http.Header{"Origin": {"https://evil.example"}}); c != nil || resp.StatusCode != 403 {
+			t.Fatalf("a refused origin subscribed: %v", resp)
+		}
+	}
+	line := `level=WARN msg="subscriber refused: origin not in -allowed-origins" origin=https://evil.example refused_since_last_line=0`
+	if got := strings.Count(d.logs.String(), line); got != 1 {
+		t.Errorf("%d lines %q, want 1; log:\n%s", got, line, d.logs)
+	}
+}
+
+func TestLogLimit(t *testing.T) {
+	var l logLimit
+	start := time.Now()
+	for _, step := range []struct {
+		after      time.Duration // since start
+		ok         bool
+		suppressed int
+	}{
+		{0, true, 0},
+		{time.Second, false, 0},
+		{9 * time.Second, false, 0},
+		{10 * time.Second, true, 2},
+		{11 * time.Second, false, 0},
+		{time.Minute, true, 1},
+		{time.Minute + 10*time.Second, true, 0},
+	} {
+		ok, suppressed := l.allow(start.Add(step.after), 10*time.Second)
+		if ok != step.ok || suppressed != step.suppressed {
+			t.Errorf("at %v: allow = %v, %d; want %v, %d", step.after, ok, suppressed, step.ok, step.suppressed)
+		}
 	}
 }
 
@@ -2563,11 +2614,11 @@ func TestTLSServesHTTPSAndWSS(t *testing.T) {
 		}
 	}
 
-	err = run(context.Background(), []string{"-port", "0", "-tls-cert", certFile}, func(string) string { return "" }, io.Discard, io.Discard)
+	err = run(context.Background(), []string{"-bind", "127.0.0.1", "-port", "0", "-tls-cert", certFile}, func(string) string { return "" }, io.Discard, io.Discard)
 	if err == nil || exitStatus(err) != 2 {
 		t.Errorf("-tls-cert without -tls-key: %v", err)
 	}
-	err = run(context.Background(), []string{"-port", "0", "-tls-cert", keyFile, "-tls-key", keyFile}, func(string) string { return "" }, io.Discard, io.Discard)
+	err = run(context.Background(), []string{"-bind", "127.0.0.1", "-port", "0", "-tls-cert", keyFile, "-tls-key", keyFile}, func(string) string { return "" }, io.Discard, io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "load TLS certificate") {
 		t.Errorf("a key as certificate: %v", err)
 	}
@@ -2637,6 +2688,34 @@ func TestFlagsComeFromTheEnvironmentToo(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) || exitStatus(err) != 2 {
 			t.Errorf("%s=%q: %v, want exit 2 and %q", tc.name, tc.value, err, tc.want)
 		}
+	}
+}
+
+func TestBooleansTakeYesNoOnOff(t *testing.T) {
+	for _, tc := range []struct {
+		value string
+		want  bool
+	}{
+		{"true", true}, {"1", true}, {"t", true}, {"TRUE", true}, {"yes", true}, {"Yes", true}, {"y", true}, {"on", true}, {"ON", true},
+		{"false", false}, {"0", false}, {"f", false}, {"no", false}, {"NO", false}, {"n", false}, {"off", false}, {"Off", false},
+	} {
+		t.Run(tc.value, func(t *testing.T) {
+			env := func(k string) string { return map[string]string{"GOCKETS_HOOK_EVENTS": tc.value}[k] }
+			if cfg, err := parseConfig(nil, env, io.Discard); err != nil || cfg.hookEvents != tc.want {
+				t.Errorf("GOCKETS_HOOK_EVENTS=%s: hookEvents %v, %v; want %v", tc.value, cfg.hookEvents, err, tc.want)
+			}
+			none := func(string) string { return "" }
+			if cfg, err := parseConfig([]string{"-hook-events=" + tc.value}, none, io.Discard); err != nil || cfg.hookEvents != tc.want {
+				t.Errorf("-hook-events=%s: hookEvents %v, %v; want %v", tc.value, cfg.hookEvents, err, tc.want)
+			}
+		})
+	}
+	if cfg, err := parseConfig([]string{"-hook-events"}, func(string) string { return "" }, io.Discard); err != nil || !cfg.hookEvents {
+		t.Errorf("-hook-events alone: %v, %v", cfg.hookEvents, err)
+	}
+	err := run(context.Background(), nil, func(k string) string { return map[string]string{"GOCKETS_HOOK_EVENTS": "maybe"}[k] }, io.Discard, io.Discard)
+	if want := `GOCKETS_HOOK_EVENTS="maybe": not a boolean: use true or false, yes or no, on or off, 1 or 0`; err == nil || err.Error() != want || exitStatus(err) != 2 {
+		t.Errorf("GOCKETS_HOOK_EVENTS=maybe: %v, want exit 2 and %q", err, want)
 	}
 }
 
@@ -2989,6 +3068,25 @@ func TestPresenceEventsOncePerChange(t *testing.T) {
 	}
 }
 
+// TestDroppedHookItemsAreNamed: a drop says whether it was a message or a
+// presence event.
+func TestDroppedHookItemsAreNamed(t *testing.T) {
+	hook := startHook(t, func(*http.Request) int { return http.StatusBadRequest }) // not retried
+	d := startDaemon(t, "-hook-events")
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
+	c := d.dial(ch.SubscriberToken)
+	c.send(true, websocket.TextFrame, []byte("a message"))
+	c.send(true, websocket.CloseFrame, closePayload(closeNormal))
+	c.expectClose(closeNormal)
+	waitFor(t, "three failed deliveries", func() bool { return d.hub.stats.hookFailed.Load() == 3 })
+	logs := d.logs.String()
+	for _, what := range []string{"connect event", "message", "disconnect event"} {
+		if line := `level=WARN msg="hook delivery failed: ` + what + ` dropped"`; strings.Count(logs, line) != 1 {
+			t.Errorf("not once in the log: %s\n%s", line, logs)
+		}
+	}
+}
+
 // ---- Benchmarks ----
 //
 //	go test -run '^$' -bench . -benchmem .
@@ -3230,7 +3328,7 @@ func TestStateFileIsLocked(t *testing.T) {
 	d := startDaemon(t, "-state-file", state)
 	d.prepare(`{"tag": "first"}`)
 	journal, _ := os.ReadFile(state + ".journal")
-	err := run(context.Background(), []string{"-port", "0", "-state-file", state}, func(string) string { return "" }, io.Discard, io.Discard)
+	err := run(context.Background(), []string{"-bind", "127.0.0.1", "-port", "0", "-state-file", state}, func(string) string { return "" }, io.Discard, io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "is in use by another gockets") || exitStatus(err) != 1 {
 		t.Fatalf("a second daemon on the same state file: %v", err)
 	}
@@ -3266,7 +3364,7 @@ func TestExamples(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			addr, _, _ := runDaemon(t, "-bind", "127.0.0.1", "-hook-secret", tc.daemonSecret)
+			addr, _, _ := runDaemon(t, "-hook-secret", tc.daemonSecret)
 			d := &daemon{t: t, url: "http://" + addr}
 			env := []string{"GOCKETS_URL=http://localhost:" + strings.Split(addr, ":")[1], "TMPDIR=" + t.TempDir()}
 			if tc.phpSecret != "" {
@@ -3426,4 +3524,42 @@ func runPHP(t *testing.T, php string, env []string, args ...string) string {
 		t.Fatalf("php %s: %v\n%s%s", strings.Join(args, " "), err, out, stderr.String())
 	}
 	return string(out)
+}
+
+// ---- The systemd unit of README.md ----
+
+// TestSystemdUnitIsHardened checks README.md's unit with systemd-analyze,
+// where it is installed: verify finds nothing to say, and security scores
+// its exposure under 2.0.
+func TestSystemdUnitIsHardened(t *testing.T) {
+	analyze, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		t.Skip("systemd-analyze not found: install systemd to check the unit")
+	}
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile("(?s)```ini\n(\\[Unit\\].*?)```").FindSubmatch(readme)
+	if m == nil {
+		t.Fatal("README.md has no unit")
+	}
+	// verify wants ExecStart to exist: this test binary stands in for it.
+	unit := strings.Replace(string(m[1]), "ExecStart=/usr/local/bin/gockets", "ExecStart="+os.Args[0], 1)
+	path := filepath.Join(t.TempDir(), "gockets.service")
+	if err := os.WriteFile(path, []byte(unit), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(analyze, "verify", path).CombinedOutput(); err != nil || len(out) > 0 {
+		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
+	}
+	out, err := exec.Command(analyze, "security", "--offline=yes", path).CombinedOutput()
+	score := regexp.MustCompile(`Overall exposure level for gockets.service: (\d+\.\d)`).FindSubmatch(out)
+	if err != nil || score == nil {
+		t.Fatalf("systemd-analyze security: %v\n%s", err, out)
+	}
+	if exposure, _ := strconv.ParseFloat(string(score[1]), 64); exposure >= 2.0 {
+		t.Errorf("exposure %s, want under 2.0:\n%s", score[1], out)
+	}
+	t.Logf("systemd-analyze security: exposure %s", score[1])
 }
