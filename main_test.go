@@ -3574,7 +3574,7 @@ func TestSystemdUnitIsHardened(t *testing.T) {
 // redisServer is a real redis-server in a child process, on a free port of
 // 127.0.0.1, killed by its PID when the test ends.
 type redisServer struct {
-	t    *testing.T
+	t    testing.TB
 	port int
 	args []string
 	cmd  *exec.Cmd
@@ -3583,7 +3583,7 @@ type redisServer struct {
 
 // startRedis starts redis-server. Without it the test fails in CI (which
 // installs it) and is skipped elsewhere, saying why.
-func startRedis(t *testing.T, args ...string) *redisServer {
+func startRedis(t testing.TB, args ...string) *redisServer {
 	t.Helper()
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		if os.Getenv("CI") == "true" {
@@ -4288,5 +4288,39 @@ func TestRedisPassesTheOneNodeTests(t *testing.T) {
 	} {
 		engineArgs = []string{"-redis", rs.url(), "-redis-prefix", fmt.Sprintf("test%d:", i)}
 		t.Run(test.name, test.run)
+	}
+}
+
+// BenchmarkRedisPublish is a publish through the engine on Redis, with one
+// WebSocket subscriber on the same node receiving it.
+func BenchmarkRedisPublish(b *testing.B) {
+	rs := startRedis(b)
+	d := startDaemon(b, "-redis", rs.url())
+	ch := d.prepare("")
+	sub := d.subscribe(ch.SubscriberToken)
+	received := make(chan error, 1)
+	go func() {
+		var msg string
+		for range b.N {
+			sub.SetReadDeadline(time.Now().Add(waitTimeout))
+			if err := websocket.Message.Receive(sub, &msg); err != nil {
+				received <- err
+				return
+			}
+		}
+		received <- nil
+	}()
+	body := []byte(strings.Repeat("x", 64))
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, _, err := d.hub.engine.publish(context.Background(), ch.PublisherToken, &message{data: body}); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	if err := <-received; err != nil {
+		b.Fatal(err)
 	}
 }
