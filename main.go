@@ -1654,6 +1654,9 @@ const (
 	// redisCommandTimeout bounds a command from write to reply: a change
 	// answers 503 within 2 s when Redis does not answer.
 	redisCommandTimeout = 1500 * time.Millisecond
+	// redisReconnectWait is how long a request waits for a connection that
+	// is being replaced, on top of redisCommandTimeout: still within 2 s.
+	redisReconnectWait = 400 * time.Millisecond
 	// redisDialTimeout bounds connecting, TLS and AUTH included.
 	redisDialTimeout = 1500 * time.Millisecond
 	// After losing Redis, a node tries again after redisBackoffMin, twice as
@@ -1891,9 +1894,10 @@ type redisClient struct {
 	log  *slog.Logger
 
 	mu   sync.Mutex
-	conn *redisConn // nil while down
-	down error      // why it is down; nil once connected
-	ever bool       // connected at least once
+	conn *redisConn    // nil while down
+	down error         // why it is down; nil once connected
+	ever bool          // connected at least once
+	up   chan struct{} // closed and replaced at each connection
 }
 
 type redisConn struct {
@@ -1943,7 +1947,11 @@ func (c *redisCall) wait() (any, error) {
 }
 
 // unavailable says why Redis cannot be reached, for a 503 and /healthz.
-type unavailable struct{ err error }
+// unsent: the command was never written, so sending it again is safe.
+type unavailable struct {
+	err    error
+	unsent bool
+}
 
 func (e unavailable) Error() string { return "cannot reach Redis: " + e.err.Error() }
 func (e unavailable) Unwrap() error { return e.err }
@@ -1960,7 +1968,10 @@ func (c *redisClient) send(quiet bool, args ...any) *redisCall {
 	if rc == nil {
 		err := c.down
 		c.mu.Unlock()
-		call.finish(c.log, nil, unavailable{err})
+		if err == nil {
+			err = errors.New("not connected yet")
+		}
+		call.finish(c.log, nil, unavailable{err, true})
 		return call
 	}
 	call.deadline = time.Now().Add(redisCommandTimeout)
@@ -2070,7 +2081,27 @@ func (c *redisClient) lost(rc *redisConn, err error) {
 	default:
 	}
 	for _, call := range waiting {
-		call.finish(c.log, nil, unavailable{err})
+		call.finish(c.log, nil, unavailable{err: err})
+	}
+}
+
+// awaitUp waits until a connection is up, for at most wait: a request that
+// comes while a lost connection is being replaced waits for the new one
+// rather than failing at once.
+func (c *redisClient) awaitUp(wait time.Duration) bool {
+	c.mu.Lock()
+	up, connected := c.up, c.conn != nil
+	c.mu.Unlock()
+	if connected {
+		return true
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-up:
+		return true
+	case <-t.C:
+		return false
 	}
 }
 
@@ -2082,9 +2113,9 @@ func (c *redisClient) health() error {
 		return nil
 	}
 	if c.down == nil {
-		return unavailable{errors.New("not connected yet")}
+		return unavailable{err: errors.New("not connected yet")}
 	}
-	return unavailable{c.down}
+	return unavailable{err: c.down}
 }
 
 // keep connects, serves the connection until it fails, and connects again,
@@ -2103,6 +2134,8 @@ func (c *redisClient) keep(ctx context.Context, first net.Conn, connected func()
 			rc := &redisConn{Conn: conn, br: bufio.NewReaderSize(conn, respMaxLine), more: make(chan struct{}, 1)}
 			c.mu.Lock()
 			c.conn, c.down = rc, nil
+			close(c.up)
+			c.up = make(chan struct{})
 			if c.ever {
 				c.log.Info("redis connected again", "addr", c.opts.addr)
 			}
@@ -2442,7 +2475,7 @@ type sharedChannel struct {
 func newRedisEngine(h *hub) (*redisEngine, error) {
 	r := &redisEngine{
 		h:          h,
-		cmd:        &redisClient{opts: h.cfg.redis, log: h.log},
+		cmd:        &redisClient{opts: h.cfg.redis, log: h.log, up: make(chan struct{})},
 		prefix:     h.cfg.redisPrefix,
 		node:       strings.ToLower(rand.Text()[:12]),
 		backlog:    h.cfg.backlog,
@@ -2500,9 +2533,17 @@ func (r *redisEngine) start() {
 
 func (r *redisEngine) nodeKey() string { return r.prefix + "node:" + r.node }
 
-// eval runs a script and waits for its result.
+// eval runs a script and waits for its result. When the connection is
+// being replaced, it waits redisReconnectWait for the new one: the command
+// was not sent, so sending it then is safe. A command sent and not answered
+// is never sent again (Redis may have run it).
 func (r *redisEngine) eval(s *redisScript, args ...any) (any, error) {
-	return r.retry(r.issue(s, args...), s, args)
+	reply, err := r.retry(r.issue(s, args...), s, args)
+	var u unavailable
+	if errors.As(err, &u) && u.unsent && r.cmd.awaitUp(redisReconnectWait) {
+		reply, err = r.retry(r.issue(s, args...), s, args)
+	}
+	return reply, err
 }
 
 // issue sends a script without waiting: a caller holding a lock gets it
@@ -2640,7 +2681,7 @@ func (r *redisEngine) health() error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.eventsErr != nil {
-		return unavailable{fmt.Errorf("announcements: %w", r.eventsErr)}
+		return unavailable{err: fmt.Errorf("announcements: %w", r.eventsErr)}
 	}
 	return nil
 }
