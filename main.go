@@ -4,7 +4,8 @@
 // POSTs; what the browser sends back is POSTed to the backend's hook URL.
 //
 // This file reads top to bottom: flags and config, the hub and its channels,
-// channels on disk, a subscriber's life, hook delivery, HTTP handlers, main.
+// the seam where channels live, channels on disk, channels in Redis (several
+// nodes), a subscriber's life, hook delivery, HTTP handlers, main.
 // README.md has the API.
 package main
 
