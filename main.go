@@ -82,6 +82,11 @@ const (
 	// journalLimit is how many changes the state journal holds before the
 	// snapshot is rewritten and the journal emptied.
 	journalLimit = 4096
+	// stateRetryMin and stateRetryMax are the pauses between attempts to
+	// write the state after a failed write: soon enough to save promptly
+	// once space is freed, rare enough not to hammer a full disk.
+	stateRetryMin = time.Second
+	stateRetryMax = 30 * time.Second
 	// shutdownTimeout bounds a graceful shutdown, hook deliveries included.
 	shutdownTimeout = 10 * time.Second
 	// wsBufferSize is the size of a WebSocket subscriber's read and write
@@ -1032,7 +1037,6 @@ type store struct {
 	last    uint64        // the last change handed to the store
 	durable uint64        // every change up to this one is on disk
 	failure error         // why the last write failed; nil once one succeeds
-	failed  uint64        // the changes up to this one were in the failed write
 	written chan struct{} // closed and replaced after every write
 	wake    chan struct{}
 }
@@ -1058,31 +1062,60 @@ type storedChannel struct {
 	Tag             *string `json:"tag"`
 }
 
-// openStore loads the channels of path and its journal, and starts a fresh
-// snapshot from them. A missing file is an empty state; one that cannot be
-// read or parsed is an error, never silently an empty state.
+// openStore loads the channels of path and its journal. A missing file is
+// an empty state; one that cannot be read or parsed is an error, never
+// silently an empty state. It writes nothing that needs free space: a
+// daemon restarted on a full disk serves what it read, and the store
+// writes when it can.
 func openStore(path string, writeSynced func(*os.File, []byte) error, log *slog.Logger, st *stats) (*store, []storedChannel, error) {
 	lock, err := lockState(path)
 	if err != nil {
 		return nil, nil, err
 	}
-	channels, seq, err := loadState(path, log)
-	if err == nil {
-		err = writeSnapshot(path, snapshot{1, seq, channels}, writeSynced)
-	}
+	removeLeftovers(path, log)
+	loaded, err := loadState(path, log)
 	if err != nil {
 		lock.Close()
 		return nil, nil, err
 	}
-	journal, err := os.OpenFile(path+".journal", os.O_WRONLY|os.O_APPEND|os.O_CREATE|os.O_TRUNC, 0o600)
+	journal, err := os.OpenFile(path+".journal", os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err == nil {
+		// A line cut short was never acknowledged; what follows it must
+		// start on a line of its own.
+		err = journal.Truncate(loaded.journalBytes)
+	}
 	if err != nil {
 		lock.Close()
 		return nil, nil, fmt.Errorf("open state journal: %w", err)
 	}
 	return &store{
 		path: path, log: log, stats: st, writeSynced: writeSynced, lock: lock, journal: journal,
-		last: seq, durable: seq, written: make(chan struct{}), wake: make(chan struct{}, 1),
-	}, channels, nil
+		appended: loaded.journalRecords,
+		last:     loaded.seq, durable: loaded.seq, written: make(chan struct{}), wake: make(chan struct{}, 1),
+	}, loaded.channels, nil
+}
+
+// removeLeftovers deletes the temporary snapshots (PATH.tmpNNN) that a
+// crash during a rewrite leaves behind: they hold tokens, and nothing
+// reads them. The caller holds PATH.lock, so none is being written.
+func removeLeftovers(path string, log *slog.Logger) {
+	prefix := filepath.Base(path) + ".tmp"
+	entries, err := os.ReadDir(filepath.Dir(path))
+	if err != nil {
+		log.Warn("cannot look for leftover state files", "err", err)
+		return
+	}
+	for _, e := range entries {
+		suffix, ok := strings.CutPrefix(e.Name(), prefix)
+		if !ok || suffix == "" || strings.Trim(suffix, "0123456789") != "" {
+			continue
+		}
+		if err := os.Remove(filepath.Join(filepath.Dir(path), e.Name())); err != nil {
+			log.Warn("cannot remove a leftover state file", "file", e.Name(), "err", err)
+		} else {
+			log.Info("removed a state file left by a crash", "file", e.Name())
+		}
+	}
 }
 
 // lockState takes PATH.lock for as long as this process lives: a second
@@ -1101,27 +1134,36 @@ func lockState(path string) (*os.File, error) {
 	return lock, nil
 }
 
+// loadedState is what loadState read.
+type loadedState struct {
+	channels       []storedChannel
+	seq            uint64 // the last change they include
+	journalBytes   int64  // up to the end of the last whole line
+	journalRecords int    // whole lines in the journal
+}
+
 // loadState reads the snapshot and replays the journal over it.
-func loadState(path string, log *slog.Logger) ([]storedChannel, uint64, error) {
+func loadState(path string, log *slog.Logger) (loadedState, error) {
 	var snap snapshot
 	data, err := os.ReadFile(path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		snap.Version = 1
 	case err != nil:
-		return nil, 0, fmt.Errorf("read state file: %w", err)
+		return loadedState{}, fmt.Errorf("read state file: %w", err)
 	default:
 		if err := decodeStrict(data, &snap); err != nil {
-			return nil, 0, fmt.Errorf("state file %s is corrupt: %w", path, err)
+			return loadedState{}, fmt.Errorf("state file %s is corrupt: %w", path, err)
 		}
 		if snap.Version != 1 {
-			return nil, 0, fmt.Errorf("state file %s has version %d; this daemon reads version 1", path, snap.Version)
+			return loadedState{}, fmt.Errorf("state file %s has version %d; this daemon reads version 1", path, snap.Version)
 		}
 	}
-	channels, seq := snap.Channels, snap.Seq
+	loaded := loadedState{channels: snap.Channels, seq: snap.Seq}
+	channels := snap.Channels
 	journal, err := os.ReadFile(path + ".journal")
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, 0, fmt.Errorf("read state journal: %w", err)
+		return loadedState{}, fmt.Errorf("read state journal: %w", err)
 	}
 	for n, line := range bytes.SplitAfter(journal, []byte("\n")) {
 		if len(line) == 0 {
@@ -1131,14 +1173,16 @@ func loadState(path string, log *slog.Logger) ([]storedChannel, uint64, error) {
 			log.Warn("state journal ends in a partial line; ignoring it", "line", n+1)
 			break
 		}
+		loaded.journalBytes += int64(len(line))
+		loaded.journalRecords++
 		var r record
 		if err := decodeStrict(line, &r); err != nil {
-			return nil, 0, fmt.Errorf("state journal %s.journal is corrupt at line %d: %w", path, n+1, err)
+			return loadedState{}, fmt.Errorf("state journal %s.journal is corrupt at line %d: %w", path, n+1, err)
 		}
-		if r.Seq <= seq {
+		if r.Seq <= loaded.seq {
 			continue
 		}
-		seq = r.Seq
+		loaded.seq = r.Seq
 		i := slices.IndexFunc(channels, func(c storedChannel) bool { return c.PublisherToken == r.Channel.PublisherToken })
 		switch {
 		case r.Delete && i >= 0:
@@ -1150,9 +1194,10 @@ func loadState(path string, log *slog.Logger) ([]storedChannel, uint64, error) {
 		}
 	}
 	if err := checkChannels(channels); err != nil {
-		return nil, 0, fmt.Errorf("state file %s is corrupt: %w", path, err)
+		return loadedState{}, fmt.Errorf("state file %s is corrupt: %w", path, err)
 	}
-	return channels, seq, nil
+	loaded.channels = channels
+	return loaded, nil
 }
 
 // checkChannels refuses what the daemon could not have written.
@@ -1284,19 +1329,20 @@ func (st *store) lastSeq() uint64 {
 	return st.last
 }
 
-// wait returns once change seq is on disk, or the error that kept it off.
+// wait returns once change seq is on disk, or the error that keeps it off:
+// while writes fail, at once, as the next attempt is a backoff away.
 func (st *store) wait(ctx context.Context, seq uint64) error {
 	if st == nil {
 		return nil
 	}
 	for {
 		st.mu.Lock()
-		durable, failure, failed, written := st.durable, st.failure, st.failed, st.written
+		durable, failure, written := st.durable, st.failure, st.written
 		st.mu.Unlock()
 		switch {
 		case durable >= seq:
 			return nil
-		case failure != nil && failed >= seq:
+		case failure != nil:
 			return failure
 		}
 		select {
@@ -1308,14 +1354,20 @@ func (st *store) wait(ctx context.Context, seq uint64) error {
 }
 
 // run writes changes as they come until quit; then it writes a last
-// snapshot. After a failed write it tries again with growing pauses.
+// snapshot. After a failed write (a full disk) it alone tries again, with
+// growing pauses, writing everything that came meanwhile at once; the
+// failure is logged when it begins and when it ends, not at every change.
 func (st *store) run(quit <-chan struct{}) {
 	retry := time.NewTimer(time.Hour)
 	retry.Stop()
-	backoff := time.Second
+	var backoff time.Duration // 0 while writes succeed
+	failures := 0
 	for {
 		select {
 		case <-st.wake:
+			if backoff > 0 {
+				continue // the retry writes this change too
+			}
 		case <-retry.C:
 		case <-quit:
 			if err := st.save(true); err != nil {
@@ -1326,13 +1378,22 @@ func (st *store) run(quit <-chan struct{}) {
 			}
 			return
 		}
-		if err := st.save(false); err != nil {
+		err := st.save(false)
+		switch {
+		case err != nil:
 			st.stats.stateSaveFailure.Add(1)
-			st.log.Error("state not saved; channels are kept in memory, trying again", "err", err, "in", backoff)
+			failures++
+			if backoff == 0 {
+				backoff = stateRetryMin
+				st.log.Error("state not saved; channels are kept in memory, trying again until it succeeds", "err", err, "next_try_in", backoff)
+			} else {
+				backoff = min(2*backoff, stateRetryMax)
+				st.log.Debug("state still not saved", "err", err, "next_try_in", backoff)
+			}
 			retry.Reset(backoff)
-			backoff = min(2*backoff, 30*time.Second)
-		} else {
-			backoff = time.Second
+		case backoff > 0:
+			st.log.Info("state saved again", "failed_writes", failures)
+			backoff, failures = 0, 0
 		}
 	}
 }
@@ -1359,7 +1420,7 @@ func (st *store) save(last bool) error {
 	defer st.mu.Unlock()
 	if err != nil {
 		st.pending = append(batch, st.pending...)
-		st.failure, st.failed = err, max(st.failed, through)
+		st.failure = err
 	} else {
 		st.durable = max(st.durable, through)
 		st.pending = slices.DeleteFunc(st.pending, func(r record) bool { return r.Seq <= through })

@@ -17,6 +17,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
+	"log/slog"
 	"math/big"
 	"net"
 	"net/http"
@@ -1797,6 +1799,12 @@ func (p *process) signal(sig os.Signal) error {
 	return p.err
 }
 
+// savedChannels reads the channels a restart would find in state.
+func savedChannels(state string) ([]storedChannel, error) {
+	loaded, err := loadState(state, slog.New(slog.DiscardHandler))
+	return loaded.channels, err
+}
+
 func TestChannelsSurviveKill9(t *testing.T) {
 	state := filepath.Join(t.TempDir(), "state.json")
 	p := startProcess(t, "-state-file", state)
@@ -1925,6 +1933,7 @@ func TestDiskFullWhenSavingState(t *testing.T) {
 	}, "-state-file", state)
 	kept := d.prepare(`{"tag": "before"}`)
 	before, _ := os.ReadFile(state + ".journal")
+	snapshotBefore, _ := os.ReadFile(state)
 
 	full.Store(true)
 	var got struct{ Type, Message string }
@@ -1932,7 +1941,7 @@ func TestDiskFullWhenSavingState(t *testing.T) {
 	if got.Type != "ERR" || !strings.Contains(got.Message, "no space left on device") {
 		t.Errorf("prepare on a full disk: %+v", got)
 	}
-	if data, _ := os.ReadFile(state); !strings.Contains(string(data), `"channels": []`) {
+	if data, _ := os.ReadFile(state); !bytes.Equal(data, snapshotBefore) {
 		t.Errorf("the snapshot changed: %s", data)
 	}
 	if after, _ := os.ReadFile(state + ".journal"); !bytes.HasPrefix(after, before) {
@@ -1946,9 +1955,104 @@ func TestDiskFullWhenSavingState(t *testing.T) {
 	seq := d.hub.store.lastSeq()
 	// wait answers the last failure at once until a retry succeeds.
 	waitFor(t, "the retry to save", func() bool { return d.hub.store.wait(context.Background(), seq) == nil })
-	channels, _, err := loadState(state, d.hub.log)
+	channels, err := savedChannels(state)
 	if err != nil || len(channels) != 2 || channels[0].PublisherToken != kept.PublisherToken || *channels[1].Tag != "during" {
 		t.Errorf("after the disk recovered: %+v, %v", channels, err)
+	}
+}
+
+// fullDisk is a state store's writeSynced that fails, as on a full disk,
+// while full is set, counting its attempts.
+type fullDisk struct {
+	full     atomic.Bool
+	attempts atomic.Int64
+}
+
+func (d *fullDisk) writeSynced(f *os.File, data []byte) error {
+	if !d.full.Load() {
+		return writeSynced(f, data)
+	}
+	d.attempts.Add(1)
+	f.Write(data[:len(data)/2]) // what a full disk leaves behind
+	return fmt.Errorf("write %s: %w", f.Name(), syscall.ENOSPC)
+}
+
+func TestFullDiskIsRetriedByOneWriterAndLoggedOnce(t *testing.T) {
+	disk := &fullDisk{}
+	state := filepath.Join(t.TempDir(), "state.json")
+	d := startDaemonWith(t, func(c *config) { c.writeSynced = disk.writeSynced }, "-state-file", state)
+	disk.full.Store(true)
+	var wg sync.WaitGroup
+	for i := range 10 {
+		wg.Go(func() {
+			var got struct{ Type, Message string }
+			d.mustCall("POST", "/channel/prepare", fmt.Sprintf(`{"tag": "burst %d"}`, i), 503, &got)
+			if !strings.Contains(got.Message, "no space left on device") {
+				t.Errorf("prepare on a full disk: %+v", got)
+			}
+		})
+	}
+	wg.Wait()
+	if n := disk.attempts.Load(); n != 1 {
+		t.Errorf("10 changes on a full disk made %d attempts to write, want 1 (the retry comes after a pause)", n)
+	}
+	if n := strings.Count(d.logs.String(), "state not saved"); n != 1 {
+		t.Errorf("the full disk was logged %d times, want once:\n%s", n, d.logs)
+	}
+	disk.full.Store(false)
+	seq := d.hub.store.lastSeq()
+	waitFor(t, "the retry to save", func() bool { return d.hub.store.wait(context.Background(), seq) == nil })
+	if n := strings.Count(d.logs.String(), `msg="state saved again"`); n != 1 {
+		t.Errorf("recovery logged %d times, want once:\n%s", n, d.logs)
+	}
+	if channels, err := savedChannels(state); err != nil || len(channels) != 10 {
+		t.Errorf("after the disk recovered, the state holds %d channels (%v), want 10", len(channels), err)
+	}
+}
+
+func TestRestartOnAFullDiskServesWhatItRead(t *testing.T) {
+	dir := t.TempDir()
+	state := filepath.Join(dir, "state.json")
+	// What kill -9 during a rewrite on a full disk leaves: a snapshot, a
+	// journal ending in a torn line, and temporary snapshots full of tokens.
+	os.WriteFile(state, []byte(`{"version": 1, "seq": 1, "channels": [{"publisher_token": "PA", "subscriber_token": "SA", "subscriber_message_hook_url": null, "tag": "a"}]}`), 0o600)
+	os.WriteFile(state+".journal", []byte(`{"seq":2,"channel":{"publisher_token":"PB","subscriber_token":"SB","subscriber_message_hook_url":null,"tag":"b"}}`+"\n"+`{"seq":3,"chan`), 0o600)
+	leftovers := []string{"state.json.tmp1234567", "state.json.tmp98"}
+	kept := []string{"state.json.tmpl", "other.json.tmp123", "state.json.backup"}
+	for _, name := range append(leftovers, kept...) {
+		os.WriteFile(filepath.Join(dir, name), []byte(`{"channels": "tokens"}`), 0o600)
+	}
+
+	disk := &fullDisk{}
+	disk.full.Store(true)
+	d := startDaemonWith(t, func(c *config) { c.writeSynced = disk.writeSynced }, "-state-file", state)
+	for _, name := range leftovers {
+		if _, err := os.Stat(filepath.Join(dir, name)); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("leftover %s not removed: %v", name, err)
+		}
+	}
+	for _, name := range kept {
+		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
+			t.Errorf("%s, not ours, was removed: %v", name, err)
+		}
+	}
+	if got := d.mustCall("GET", "/channel", "", 200, nil); got != `{"channels":[`+
+		`{"publisher_token":"PA","subscriber_token":"SA","subscriber_message_hook_url":null,"tag":"a","listeners":0},`+
+		`{"publisher_token":"PB","subscriber_token":"SB","subscriber_message_hook_url":null,"tag":"b","listeners":0}]}`+"\n" {
+		t.Errorf("after a restart on a full disk: %s", got)
+	}
+	c := d.dial("SB")
+	d.publish("PB", "served")
+	c.expectText("served")
+	d.mustCall("POST", "/channel/prepare", `{"tag": "c"}`, 503, nil)
+
+	disk.full.Store(false)
+	seq := d.hub.store.lastSeq()
+	waitFor(t, "the retry to save", func() bool { return d.hub.store.wait(context.Background(), seq) == nil })
+	d.prepare(`{"tag": "d"}`)
+	channels, err := savedChannels(state) // what a kill -9 now would leave
+	if err != nil || len(channels) != 4 || *channels[2].Tag != "c" || *channels[3].Tag != "d" {
+		t.Errorf("state after the disk recovered: %+v, %v", channels, err)
 	}
 }
 
@@ -1985,7 +2089,7 @@ func TestStateChangesShareWrites(t *testing.T) {
 	if err := d.stop(); err != nil {
 		t.Fatal(err)
 	}
-	saved, _, err := loadState(state, d.hub.log)
+	saved, err := savedChannels(state)
 	if err != nil || len(saved) != channels {
 		t.Errorf("state file holds %d channels (%v), want %d", len(saved), err, channels)
 	}
@@ -3241,7 +3345,7 @@ func TestStateFileIsLocked(t *testing.T) {
 	if err := d.stop(); err != nil {
 		t.Fatal(err)
 	}
-	if channels, _, err := loadState(state, d.hub.log); err != nil || len(channels) != 2 {
+	if channels, err := savedChannels(state); err != nil || len(channels) != 2 {
 		t.Errorf("state after: %+v, %v", channels, err)
 	}
 }
