@@ -2250,7 +2250,7 @@ func (h *hub) post(item hookItem) (retry bool, err error) {
 	if h.cfg.hookSecret != "" {
 		timestamp := strconv.FormatInt(time.Now().Unix(), 10)
 		req.Header.Set("X-Gockets-Timestamp", timestamp)
-		req.Header.Set("X-Gockets-Signature", "sha256="+sign(h.cfg.hookSecret, timestamp, item.channel, item.body))
+		req.Header.Set("X-Gockets-Signature", "sha256="+sign(h.cfg.hookSecret, timestamp, item))
 	}
 	resp, err := h.hooks.Do(req)
 	if err != nil {
@@ -2273,13 +2273,20 @@ func (h *hub) post(item hookItem) (retry bool, err error) {
 	return false, nil
 }
 
-// sign is the hex HMAC-SHA256, under secret, of "timestamp.channel.body".
-// Signing the timestamp lets a backend refuse replays; signing the channel
-// keeps a body from being replayed as another channel's.
-func sign(secret, timestamp, channel string, body []byte) string {
+// sign is the hex HMAC-SHA256, under secret, of every header the backend
+// acts on and the body, each header value on a line of its own:
+// "TIMESTAMP\nCHANNEL\nEVENT\nDELIVERY_ID\nCONTENT_TYPE\nBODY". The
+// timestamp lets a backend refuse replays; the channel keeps a body from
+// being replayed as another channel's; the event, delivery id and content
+// type keep a message from being replayed as a presence event, as a new
+// delivery or as binary. A header value cannot hold a newline, so no part
+// can be shifted into another.
+func sign(secret, timestamp string, item hookItem) string {
 	mac := hmac.New(sha256.New, []byte(secret))
-	mac.Write([]byte(timestamp + "." + channel + "."))
-	mac.Write(body)
+	for _, part := range []string{timestamp, item.channel, item.event, item.id, item.contentType} {
+		mac.Write([]byte(part + "\n"))
+	}
+	mac.Write(item.body)
 	return hex.EncodeToString(mac.Sum(nil))
 }
 

@@ -6,12 +6,15 @@ import (
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -1550,7 +1553,7 @@ func TestHookFailsHangsAndRecovers(t *testing.T) {
 		if sec, err := strconv.ParseInt(ts, 10, 64); err != nil || time.Since(time.Unix(sec, 0)).Abs() > time.Minute {
 			t.Errorf("X-Gockets-Timestamp %q", ts)
 		}
-		if got, want := r.header.Get("X-Gockets-Signature"), "sha256="+sign("s3cret", ts, ch.SubscriberToken, []byte(r.body)); got != want {
+		if got, want := r.header.Get("X-Gockets-Signature"), "sha256="+hmacHex("s3cret", ts+"\n"+ch.SubscriberToken+"\n\n"+r.header.Get("X-Gockets-Delivery-Id")+"\ntext/plain; charset=utf-8\n"+r.body); got != want {
 			t.Errorf("X-Gockets-Signature %q, want %q", got, want)
 		}
 		if id := r.header.Get("X-Gockets-Delivery-Id"); !strings.HasSuffix(id, fmt.Sprintf(".1.%d", i+1)) || deliveryIDs[id] {
@@ -1562,6 +1565,121 @@ func TestHookFailsHangsAndRecovers(t *testing.T) {
 	waitFor(t, "the last delivery to be counted", func() bool { return st.hookDelivered.Load() == 5 })
 	if st.hookDelivered.Load() != 5 || st.hookRetried.Load() != 3 || st.hookFailed.Load() != 0 {
 		t.Errorf("delivered %d, retried %d, failed %d; want 5, 3, 0", st.hookDelivered.Load(), st.hookRetried.Load(), st.hookFailed.Load())
+	}
+}
+
+// hmacHex is the hex HMAC-SHA256 of data under secret.
+func hmacHex(secret, data string) string {
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write([]byte(data))
+	return hex.EncodeToString(mac.Sum(nil))
+}
+
+// readmePHPHook is the PHP verification in the README's Hooks section.
+func readmePHPHook(t *testing.T) string {
+	t.Helper()
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, hooks, ok := strings.Cut(string(readme), "\n## Hooks\n")
+	hooks, _, _ = strings.Cut(hooks, "\n## ")
+	_, code, found := strings.Cut(hooks, "```php\n")
+	code, _, closed := strings.Cut(code, "```")
+	if !ok || !found || !closed {
+		t.Fatal("README.md has no php code block in its Hooks section")
+	}
+	return code
+}
+
+// TestPHPVerifiesTheREADMEsSignature runs the README's PHP hook with
+// php-cli's server against requests the daemon signed, as they came and
+// with one part changed.
+func TestPHPVerifiesTheREADMEsSignature(t *testing.T) {
+	php, err := exec.LookPath("php")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("php-cli is not installed: it runs the README's hook verification (.ci/run installs it with apt-get install php-cli)")
+		}
+		t.Skip("php-cli is not installed: the README's hook verification is not tested")
+	}
+	const secret = "php-s3cret"
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "hook.php"), []byte(readmePHPHook(t)), 0o600)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	phpAddr := ln.Addr().String()
+	ln.Close()
+	server := exec.Command(php, "-S", phpAddr, filepath.Join(dir, "hook.php"))
+	server.Env = append(os.Environ(), "GOCKETS_HOOK_SECRET="+secret)
+	var phpLog syncBuffer
+	server.Stdout, server.Stderr = &phpLog, &phpLog
+	if err := server.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		server.Process.Kill()
+		server.Wait()
+		if t.Failed() {
+			t.Logf("php log:\n%s", phpLog.String())
+		}
+	})
+	waitFor(t, "php -S to listen", func() bool {
+		conn, err := net.Dial("tcp", phpAddr)
+		if err == nil {
+			conn.Close()
+		}
+		return err == nil
+	})
+	verify := func(r hookRequest, change func(http.Header, *string)) int {
+		t.Helper()
+		header, body := r.header.Clone(), r.body
+		change(header, &body)
+		req, _ := http.NewRequest("POST", "http://"+phpAddr+"/hook.php", strings.NewReader(body))
+		for _, name := range []string{"Content-Type", "X-Gockets-Channel", "X-Gockets-Delivery-Id", "X-Gockets-Event", "X-Gockets-Timestamp", "X-Gockets-Signature"} {
+			if v := header.Get(name); v != "" {
+				req.Header.Set(name, v)
+			}
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("POST to the PHP hook: %v", err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+
+	hook := startHook(t, nil)
+	d := startDaemon(t, "-hook-secret", secret, "-hook-events")
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
+	c := d.dial(ch.SubscriberToken)
+	c.send(true, websocket.TextFrame, []byte(`{"event":"connect","channel":"`+ch.SubscriberToken+`"}`))
+	c.send(true, websocket.BinaryFrame, []byte{0, 1, 2})
+	connect, message, binaryMessage := recv(t, hook.requests, "connect event"), recv(t, hook.requests, "message"), recv(t, hook.requests, "binary message")
+	for _, r := range []hookRequest{connect, message, binaryMessage} {
+		if got := verify(r, func(http.Header, *string) {}); got != 200 {
+			t.Errorf("the PHP hook answered %d to a request the daemon signed (%s), want 200", got, r.header)
+		}
+	}
+	for _, tc := range []struct {
+		name   string
+		r      hookRequest
+		change func(http.Header, *string)
+	}{
+		{"a message as a presence event", message, func(h http.Header, _ *string) { h.Set("X-Gockets-Event", "connect") }},
+		{"a presence event as a message", connect, func(h http.Header, _ *string) { h.Del("X-Gockets-Event") }},
+		{"another delivery id", message, func(h http.Header, _ *string) { h.Set("X-Gockets-Delivery-Id", h.Get("X-Gockets-Delivery-Id")+"0") }},
+		{"another body", message, func(_ http.Header, body *string) { *body += " " }},
+		{"another channel", message, func(h http.Header, _ *string) { h.Set("X-Gockets-Channel", ch.PublisherToken) }},
+		{"binary as text", binaryMessage, func(h http.Header, _ *string) { h.Set("Content-Type", "text/plain; charset=utf-8") }},
+		{"another timestamp", message, func(h http.Header, _ *string) { h.Set("X-Gockets-Timestamp", h.Get("X-Gockets-Timestamp")+"0") }},
+		{"no signature", message, func(h http.Header, _ *string) { h.Del("X-Gockets-Signature") }},
+	} {
+		if got := verify(tc.r, tc.change); got != 401 {
+			t.Errorf("%s: the PHP hook answered %d, want 401", tc.name, got)
+		}
 	}
 }
 
