@@ -79,6 +79,20 @@ const (
 	// passes); more is dropped, and counted, rather than held without bound.
 	hookQueueLimit = 256
 	hookQueueBytes = 4 << 20
+	// hookTotalLimit and hookTotalBytes bound what waits for hooks, or is
+	// being posted, from all subscribers together: what a client sends,
+	// however many connections it opens, costs at most this much memory.
+	// hookTotalBytes holds the largest message -max-message-bytes allows.
+	hookTotalLimit = 10000
+	hookTotalBytes = 64 << 20
+	// hookPosts is how many POSTs to hooks may be under way at once, each
+	// by one of as many workers; hookPostsPerHost is how many of them may
+	// go to one host (scheme, host and port), so that a hook that hangs
+	// holds a quarter of them and other hooks keep the rest. They bound
+	// the goroutines and connections that hooks cost: at most hookPosts
+	// connections in use and hookPosts idle.
+	hookPosts        = 32
+	hookPostsPerHost = 8
 	// journalLimit is how many changes the state journal holds before the
 	// snapshot is rewritten and the journal emptied.
 	journalLimit = 4096
@@ -96,6 +110,12 @@ const (
 	wsBufferSize = 256
 	// batchBytes is the most a WebSocket writer gathers for one write.
 	batchBytes = 64 << 10
+	// reservedFiles is how many of the open-files limit the default
+	// -max-subscribers leaves to everything that is not a subscriber (half
+	// of it when the limit is lower than twice this): admin requests and
+	// health checks, hook connections (up to 2 x hookPosts), the listener,
+	// the state files, standard streams.
+	reservedFiles = 256
 )
 
 type config struct {
@@ -123,6 +143,9 @@ type config struct {
 	hook       hookPolicy
 	hookSecret string
 	hookEvents bool
+
+	maxSubscribers           int // in all: each holds a file descriptor
+	maxSubscribersPerChannel int
 
 	stateFile  string
 	backlog    int           // messages kept per channel while nobody listens
@@ -169,6 +192,7 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 		writeSynced: writeSynced,
 	}
 	var pingSeconds int
+	maxSubscribers := defaultMaxSubscribers()
 	var showVersion bool
 	fs := flag.NewFlagSet("gockets", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
@@ -193,6 +217,8 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	fs.DurationVar(&cfg.hook.timeout, "hook-timeout", 5*time.Second, "time a hook has to answer one POST")
 	fs.StringVar(&cfg.hookSecret, "hook-secret", "", "sign every hook request with HMAC-SHA256 under this secret (better set as "+envName("hook-secret")+")")
 	fs.BoolVar(&cfg.hookEvents, "hook-events", false, "also POST a JSON event to the hook when a subscriber connects or disconnects")
+	fs.IntVar(&cfg.maxSubscribers, "max-subscribers", maxSubscribers, "subscriber connections in all; more are refused with 503 (default: the open-files limit less room for the admin API and hooks)")
+	fs.IntVar(&cfg.maxSubscribersPerChannel, "max-subscribers-per-channel", maxSubscribers, "subscriber connections to one channel; more are refused with 503")
 	fs.StringVar(&cfg.stateFile, "state-file", "", "keep the channels in this file so that they survive restarts (default: in memory only)")
 	fs.IntVar(&cfg.backlog, "backlog", 100, "messages kept per channel while it has no subscriber, for the next one (0-1000)")
 	fs.DurationVar(&cfg.backlogTTL, "backlog-ttl", time.Minute, "how long a kept message waits for a subscriber")
@@ -250,6 +276,8 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 		inRange(source["idle-timeout"], cfg.idleTimeout, time.Millisecond, 24*time.Hour),
 		inRange(source["hook-timeout"], cfg.hook.timeout, time.Millisecond, 10*time.Minute),
 		inRange(source["backlog"], cfg.backlog, 0, 1000),
+		inRange(source["max-subscribers"], cfg.maxSubscribers, 1, 1<<30),
+		inRange(source["max-subscribers-per-channel"], cfg.maxSubscribersPerChannel, 1, 1<<30),
 		inRange(source["backlog-ttl"], cfg.backlogTTL, time.Millisecond, 7*24*time.Hour),
 		inRange(source["channel-ttl"], cfg.channelTTL, 0, 365*24*time.Hour),
 	} {
@@ -267,6 +295,18 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	}
 	cfg.pingInterval = time.Duration(pingSeconds) * time.Second
 	return cfg, nil
+}
+
+// defaultMaxSubscribers leaves reservedFiles of the open-files limit (or
+// half of it, when the limit is low) to what is not a subscriber, so that
+// the admin API and /healthz answer when subscribers have taken the rest.
+func defaultMaxSubscribers() int {
+	var limit syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &limit); err != nil || limit.Cur > 1<<30 {
+		return 1 << 20 // no limit we can read: the kernel's own will do
+	}
+	files := int(limit.Cur)
+	return max(files-min(files/2, reservedFiles), 1)
 }
 
 // inRange refuses a flag value outside [lo, hi], naming the flag or the
@@ -427,8 +467,9 @@ type hub struct {
 	bootID           string      // tells this run's hook delivery ids from the last one's
 	closing          atomic.Bool // shutdown has begun: no new subscribers
 	lastSubscriberID atomic.Uint64
-	connections      sync.WaitGroup // one per subscriber handler
-	hookWorkers      sync.WaitGroup // one per subscriber with hook deliveries pending
+	connections      sync.WaitGroup // one per subscriber connection, from admit to release
+	connected        atomic.Int64   // the same, counted: each holds a file descriptor
+	hookWork         hookWork
 	hookCtx          context.Context
 	cancelHooks      context.CancelFunc
 	quit             chan struct{}  // closed by stop: the janitor and the store end
@@ -445,6 +486,8 @@ type stats struct {
 	slowDisconnects                             atomic.Int64
 	hookDelivered, hookRetried, hookFailed      atomic.Int64
 	hookQueueFull, hookNoHook, stateSaveFailure atomic.Int64
+	hookTotalFull                               atomic.Int64
+	refusedDaemonFull, refusedChannelFull       atomic.Int64
 }
 
 // channel is one pub/sub topic with its two tokens.
@@ -461,6 +504,7 @@ type channel struct {
 	backlog     []kept        // the latest messages, oldest first
 	lastID      uint64        // of the latest message
 	lastActive  time.Time     // last prepare, edit, publish, join or leave
+	connected   int           // subscriber connections admitted and not yet closed
 	deleted     bool
 }
 
@@ -490,7 +534,9 @@ func newHub(cfg config, log *slog.Logger) (*hub, error) {
 			Transport: &http.Transport{
 				Proxy:               http.ProxyFromEnvironment,
 				DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-				MaxIdleConnsPerHost: 16, // one per subscriber posting at once, up to this
+				MaxConnsPerHost:     hookPostsPerHost,
+				MaxIdleConns:        hookPosts,
+				MaxIdleConnsPerHost: hookPostsPerHost,
 				IdleConnTimeout:     90 * time.Second,
 			},
 			Timeout: cfg.hook.timeout,
@@ -501,6 +547,7 @@ func newHub(cfg config, log *slog.Logger) (*hub, error) {
 		bootID: rand.Text()[:8],
 	}
 	h.hookCtx, h.cancelHooks = context.WithCancel(context.Background())
+	h.hookWork.inFlight = make(map[string]int)
 	h.batches.New = func() any { return new([]byte) }
 	h.mux = h.routes()
 	if cfg.stateFile != "" {
@@ -676,21 +723,34 @@ func (h *hub) closeAll() {
 }
 
 // wait waits, until ctx ends, for every subscriber connection to close and
-// every queued hook delivery to finish; then it abandons what is left.
+// every queued hook delivery to finish; then it abandons what is left and
+// says what that is.
 func (h *hub) wait(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() {
 		h.connections.Wait()
-		h.hookWorkers.Wait()
+		h.hookWork.running.Wait()
 		close(done)
 	}()
 	select {
 	case <-done:
 		return nil
 	case <-ctx.Done():
-		h.cancelHooks()
-		return fmt.Errorf("connections and hook deliveries still running: %w", ctx.Err())
 	}
+	select {
+	case <-done: // both were ready: nothing is abandoned
+		return nil
+	default:
+	}
+	h.cancelHooks()
+	var left []string
+	if n := h.connected.Load(); n > 0 {
+		left = append(left, fmt.Sprintf("%d subscriber connection(s) still open", n))
+	}
+	if n := h.pendingHooks(); n > 0 {
+		left = append(left, fmt.Sprintf("%d hook delivery(ies) not done", n))
+	}
+	return fmt.Errorf("abandoned %s: %w", strings.Join(left, " and "), ctx.Err())
 }
 
 // publish hands a message to every subscriber of the channel, or keeps it
@@ -1500,8 +1560,9 @@ type farewell struct {
 // subscriber is one connection to a channel: a WebSocket or an SSE stream.
 // One writer owns every write to it, pings included. A WebSocket has a
 // reader goroutine and a writer goroutine of its own; an SSE stream has
-// nothing to read, and its handler goroutine is the writer. A hook worker
-// runs while messages wait for the hook. stop ends them all.
+// nothing to read, and its handler goroutine is the writer. stop ends
+// them. What it sends for the hook waits in its own queue, which the hub's
+// hook workers serve, and may outlive it.
 type subscriber struct {
 	id        uint64
 	hub       *hub
@@ -1520,11 +1581,7 @@ type subscriber struct {
 	pingDue     bool       // time to ping (SSE: to send a heartbeat)
 	bye         farewell   // set once, by stop
 	broken      bool       // a write failed: the stream may hold half a frame
-	hookQueue   []hookItem
-	hookRunning bool
-	hookBytes   int    // of the bodies in hookQueue
-	hookDropped bool   // a drop was logged; cleared once the queue drains
-	hookSeq     uint64 // items queued for the hook, for delivery ids
+	hookPending *hookQueue // made by its first item; guarded by hub.hookWork.mu, not mu
 
 	wake     chan struct{} // the writer has something to do
 	stopOnce sync.Once
@@ -1558,7 +1615,7 @@ func (s *subscriber) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *fram
 // read is a WebSocket subscriber's reader: it reads until the end, waits
 // for the writer to finish, then closes the connection.
 func (s *subscriber) read(ws *websocket.Conn, conn net.Conn) {
-	defer s.hub.connections.Done()
+	defer s.hub.release(s.ch)
 	s.stop(s.readLoop(ws))
 	<-s.done
 	if err := conn.Close(); err != nil {
@@ -2108,6 +2165,7 @@ func (p *ssePeer) write(s string) error {
 // way to the backend.
 type hookItem struct {
 	target      string
+	host        string // scheme://host:port of target: POSTs to one host are limited
 	channel     string // the subscriber token, for X-Gockets-Channel
 	id          string // unique per item: a backend can drop a retried duplicate
 	contentType string
@@ -2154,59 +2212,143 @@ func (s *subscriber) presence(event string, listeners int, bye *farewell, target
 	s.push(target, "application/json", event, body)
 }
 
-// push queues an item for the hook at target. Items from one connection
-// are delivered in order by one worker goroutine, which runs only while
-// items wait. The queue is bounded in items and in bytes.
+// push queues an item for the hook at target, behind the connection's
+// earlier ones. What is queued is bounded per connection and for the
+// whole daemon, in items and in bytes; beyond either bound the item is
+// dropped, counted, and logged once until that queue drains.
 func (s *subscriber) push(target, contentType, event string, body []byte) {
 	if target == "" {
 		s.hub.stats.hookNoHook.Add(1)
 		s.log.Debug("frame dropped: channel has no hook", "bytes", len(body))
 		return
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.hookQueue) >= hookQueueLimit || s.hookBytes+len(body) > hookQueueBytes && len(s.hookQueue) > 0 {
+	host := target
+	if u, err := url.Parse(target); err == nil {
+		host = u.Scheme + "://" + u.Host
+	}
+	w := &s.hub.hookWork
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if s.hookPending == nil {
+		s.hookPending = &hookQueue{log: s.log}
+	}
+	q := s.hookPending
+	switch {
+	case len(q.items) >= hookQueueLimit || q.bytes+len(body) > hookQueueBytes && len(q.items) > 0:
 		s.hub.stats.hookQueueFull.Add(1)
-		if !s.hookDropped {
-			s.log.Warn("hook queue full: dropping frames until it drains", "queued", len(s.hookQueue))
-			s.hookDropped = true
+		if !q.dropping {
+			q.log.Warn("hook queue full: dropping frames until it drains", "queued", len(q.items))
+			q.dropping = true
+		}
+		return
+	case w.items >= hookTotalLimit || w.bytes+len(body) > hookTotalBytes:
+		s.hub.stats.hookTotalFull.Add(1)
+		if !w.dropping {
+			s.hub.log.Warn("hook queues of all subscribers full: dropping frames and events until they drain",
+				"queued", w.items, "bytes", w.bytes, "limit", hookTotalLimit, "limit_bytes", hookTotalBytes)
+			w.dropping = true
 		}
 		return
 	}
-	s.hookSeq++
-	id := fmt.Sprintf("%s.%d.%d", s.hub.bootID, s.id, s.hookSeq)
-	s.hookQueue = append(s.hookQueue, hookItem{target, s.ch.subscriberToken, id, contentType, event, body})
-	s.hookBytes += len(body)
-	if !s.hookRunning {
-		s.hookRunning = true
-		s.hub.hookWorkers.Add(1)
-		go s.deliverHooks()
+	q.seq++
+	id := fmt.Sprintf("%s.%d.%d", s.hub.bootID, s.id, q.seq)
+	q.items = append(q.items, hookItem{target: target, host: host, channel: s.ch.subscriberToken, id: id,
+		contentType: contentType, event: event, body: body})
+	q.bytes += len(body)
+	w.items++
+	w.bytes += len(body)
+	if !q.busy && len(q.items) == 1 {
+		w.ready = append(w.ready, q)
+		if w.workers < hookPosts {
+			w.workers++
+			w.running.Add(1)
+			go s.hub.deliverHooks()
+		}
 	}
 }
 
-// deliverHooks posts queued frames one after the other until none is left.
-func (s *subscriber) deliverHooks() {
-	defer s.hub.hookWorkers.Done()
+// hookWork is every subscriber's hook queue, served by at most hookPosts
+// workers. A queue is either busy (a worker posts its first item), ready
+// (waiting for a worker), or empty: one connection's items go one at a
+// time, in order, and a busy queue's next item waits for its turn.
+type hookWork struct {
+	mu       sync.Mutex
+	ready    []*hookQueue   // queues with items and no worker, longest waiting first
+	items    int            // queued or being posted, all queues
+	bytes    int            // of their bodies
+	inFlight map[string]int // POSTs under way, by host
+	posting  int            // POSTs under way in all
+	workers  int            // running; at most hookPosts
+	dropping bool           // a daemon-wide drop was logged; cleared once all drain
+	running  sync.WaitGroup // the workers
+}
+
+// hookQueue is one connection's items on their way to the hook.
+type hookQueue struct {
+	log      *slog.Logger
+	items    []hookItem
+	bytes    int    // of the bodies in items
+	busy     bool   // a worker is posting its first item
+	dropping bool   // a drop was logged; cleared once the queue drains
+	seq      uint64 // items queued, for delivery ids
+}
+
+// deliverHooks is a worker: it posts the first item of the longest
+// waiting queue whose host has a POST to spare, until there is none.
+func (h *hub) deliverHooks() {
+	w := &h.hookWork
+	defer w.running.Done()
 	for {
-		s.mu.Lock()
-		if len(s.hookQueue) == 0 {
-			s.hookRunning, s.hookDropped = false, false
-			s.hookQueue = nil
-			s.mu.Unlock()
+		w.mu.Lock()
+		i := slices.IndexFunc(w.ready, func(q *hookQueue) bool { return w.inFlight[q.items[0].host] < hookPostsPerHost })
+		if i < 0 || h.hookCtx.Err() != nil {
+			w.workers--
+			w.mu.Unlock()
 			return
 		}
-		item := s.hookQueue[0]
-		s.hookQueue[0] = hookItem{}
-		s.hookQueue = s.hookQueue[1:]
-		s.hookBytes -= len(item.body)
-		s.mu.Unlock()
-		if err := s.hub.deliver(item); err != nil {
-			s.hub.stats.hookFailed.Add(1)
-			s.log.Warn("hook delivery failed; frame dropped", "err", err)
+		q := w.ready[i]
+		w.ready = slices.Delete(w.ready, i, i+1)
+		item := q.items[0]
+		q.items[0] = hookItem{}
+		q.items = q.items[1:]
+		q.busy = true
+		w.inFlight[item.host]++
+		w.posting++
+		w.mu.Unlock()
+
+		if err := h.deliver(item); err != nil {
+			h.stats.hookFailed.Add(1)
+			q.log.Warn("hook delivery failed; frame dropped", "err", err)
 		} else {
-			s.hub.stats.hookDelivered.Add(1)
+			h.stats.hookDelivered.Add(1)
 		}
+
+		w.mu.Lock()
+		q.bytes -= len(item.body)
+		q.busy = false
+		if len(q.items) > 0 {
+			w.ready = append(w.ready, q)
+		} else {
+			q.items, q.dropping = nil, false
+		}
+		if w.inFlight[item.host]--; w.inFlight[item.host] == 0 {
+			delete(w.inFlight, item.host)
+		}
+		w.posting--
+		w.items--
+		w.bytes -= len(item.body)
+		if w.items == 0 {
+			w.dropping = false
+		}
+		w.mu.Unlock()
 	}
+}
+
+// pendingHooks is how many items wait for a hook or are being posted.
+func (h *hub) pendingHooks() int {
+	h.hookWork.mu.Lock()
+	defer h.hookWork.mu.Unlock()
+	return h.hookWork.items
 }
 
 // deliver POSTs one item, retrying connection errors and 5xx answers with
@@ -2623,8 +2765,9 @@ func (h *hub) handleDelete(w http.ResponseWriter, r *http.Request) {
 }
 
 // handleSubscribe connects a subscriber: a WebSocket upgrade, or an SSE
-// stream for "Accept: text/event-stream". Unknown tokens and origins
-// outside -allowed-origins are refused before any upgrade.
+// stream for "Accept: text/event-stream". Unknown tokens, origins outside
+// -allowed-origins and subscribers beyond the limits are refused before
+// any upgrade.
 func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	origin := r.Header.Get("Origin")
 	if !h.cfg.allowedOrigins.allow(origin) {
@@ -2640,26 +2783,66 @@ func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusServiceUnavailable, "ERR", "shutting down")
 		return
 	}
-	switch {
-	case strings.EqualFold(r.Header.Get("Upgrade"), "websocket"):
-		h.subscribeWebSocket(w, r, ch)
-	case strings.Contains(r.Header.Get("Accept"), "text/event-stream"):
-		h.subscribeSSE(w, r, ch)
-	default:
+	upgrade := strings.EqualFold(r.Header.Get("Upgrade"), "websocket")
+	if !upgrade && !strings.Contains(r.Header.Get("Accept"), "text/event-stream") {
 		reply(w, http.StatusBadRequest, "ERR", "expected a WebSocket upgrade, or Accept: text/event-stream")
+		return
 	}
+	if refusal := h.admit(ch); refusal != "" {
+		w.Header().Set("Connection", "close") // its file descriptor is what we lack
+		reply(w, http.StatusServiceUnavailable, "ERR", refusal)
+		return
+	}
+	if upgrade {
+		h.subscribeWebSocket(w, r, ch)
+	} else {
+		h.subscribeSSE(w, r, ch)
+	}
+}
+
+// admit counts a subscriber connection against -max-subscribers and
+// -max-subscribers-per-channel, or says why it may not connect. Each
+// admitted connection is released once closed.
+func (h *hub) admit(ch *channel) (refusal string) {
+	if h.connected.Add(1) > int64(h.cfg.maxSubscribers) {
+		h.connected.Add(-1)
+		h.stats.refusedDaemonFull.Add(1)
+		return fmt.Sprintf("too many subscribers: the daemon has its most, %d (-max-subscribers)", h.cfg.maxSubscribers)
+	}
+	ch.mu.Lock()
+	full := ch.connected >= h.cfg.maxSubscribersPerChannel
+	if !full {
+		ch.connected++
+	}
+	ch.mu.Unlock()
+	if full {
+		h.connected.Add(-1)
+		h.stats.refusedChannelFull.Add(1)
+		return fmt.Sprintf("too many subscribers: this channel has its most, %d (-max-subscribers-per-channel)", h.cfg.maxSubscribersPerChannel)
+	}
+	h.connections.Add(1)
+	return ""
+}
+
+// release ends what admit counted, once the connection is closed.
+func (h *hub) release(ch *channel) {
+	ch.mu.Lock()
+	ch.connected--
+	ch.mu.Unlock()
+	h.connected.Add(-1)
+	h.connections.Done()
 }
 
 // subscribeWebSocket upgrades. Our Handshake, unlike websocket.Handler's,
 // accepts clients without an Origin header (PHP, node, curl).
 func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *channel) {
+	// Admitted before the hijack, while Shutdown still waits for this
+	// request; released by the subscriber's reader, or here if it never runs.
 	if r.ProtoMajor != 1 {
+		h.release(ch)
 		reply(w, http.StatusHTTPVersionNotSupported, "ERR", "WebSocket needs HTTP/1.1")
 		return
 	}
-	// Counted before the hijack, while Shutdown still waits for this
-	// request; done by the subscriber's reader, or below if it never runs.
-	h.connections.Add(1)
 	s := h.newSubscriber(ch, "websocket")
 	conn := &keptConn{}
 	out := &frameBatch{pool: &h.batches, arm: func() error { return s.armWrite(writeWait) }}
@@ -2687,7 +2870,7 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 		if joined { // the upgrade failed after the join
 			h.unjoin(ch, s)
 		}
-		h.connections.Done()
+		h.release(ch)
 	}
 }
 
@@ -2733,6 +2916,7 @@ func (c *keptConn) Close() error {
 // subscribeSSE streams Server-Sent Events until the client goes, the
 // channel is deleted or we shut down.
 func (h *hub) subscribeSSE(w http.ResponseWriter, r *http.Request, ch *channel) {
+	defer h.release(ch) // admitted by handleSubscribe
 	rc := http.NewResponseController(w)
 	// The stream outlives -read-timeout; the writer sets write deadlines.
 	if err := rc.SetReadDeadline(time.Time{}); err != nil {
@@ -2741,8 +2925,6 @@ func (h *hub) subscribeSSE(w http.ResponseWriter, r *http.Request, ch *channel) 
 	}
 	lastID, err := strconv.ParseUint(r.Header.Get("Last-Event-ID"), 10, 64)
 	resume := err == nil
-	h.connections.Add(1)
-	defer h.connections.Done()
 	s := h.newSubscriber(ch, "sse")
 	if !h.join(ch, s, resume, lastID) {
 		reply(w, http.StatusServiceUnavailable, "ERR", "channel deleted or shutting down")
@@ -2791,6 +2973,9 @@ func (h *hub) handleMetrics(w http.ResponseWriter, _ *http.Request) {
 	}
 	var mem runtime.MemStats
 	runtime.ReadMemStats(&mem)
+	h.hookWork.mu.Lock()
+	hooks := struct{ items, bytes, posting int }{h.hookWork.items, h.hookWork.bytes, h.hookWork.posting}
+	h.hookWork.mu.Unlock()
 	st := &h.stats
 	var b bytes.Buffer
 	for _, f := range []struct {
@@ -2808,11 +2993,23 @@ func (h *hub) handleMetrics(w http.ResponseWriter, _ *http.Request) {
 			{`reason="backlog_expired"`, st.droppedExpired.Load()}, {`reason="backlog_full"`, st.droppedBacklogFull.Load()},
 			{`reason="no_subscriber"`, st.droppedNoSubscriber.Load()}, {`reason="slow_subscriber"`, st.droppedSlow.Load()},
 			{`reason="subscriber_gone"`, st.droppedGone.Load()}}},
+		{"gockets_subscribers_limit", "gauge", "The most subscriber connections allowed, in all and per channel (-max-subscribers, -max-subscribers-per-channel).", []metricSample{
+			{`per="channel"`, int64(h.cfg.maxSubscribersPerChannel)}, {`per="daemon"`, int64(h.cfg.maxSubscribers)}}},
+		{"gockets_subscribers_refused_total", "counter", "Subscribers refused with 503 because a limit was reached.", []metricSample{
+			{`reason="channel_full"`, st.refusedChannelFull.Load()}, {`reason="daemon_full"`, st.refusedDaemonFull.Load()}}},
 		{"gockets_slow_subscriber_disconnects_total", "counter", "Subscribers closed because their send queue was full.", []metricSample{{"", st.slowDisconnects.Load()}}},
 		{"gockets_hook_requests_total", "counter", "POSTs to hooks, by result: ok (2xx) or error (no answer, timeout, other status).", []metricSample{
 			{`result="error"`, st.hookRetried.Load() + st.hookFailed.Load()}, {`result="ok"`, st.hookDelivered.Load()}}},
 		{"gockets_hook_dropped_total", "counter", "Subscriber messages and events that never reached a hook, by reason.", []metricSample{
-			{`reason="attempts_spent"`, st.hookFailed.Load()}, {`reason="no_hook"`, st.hookNoHook.Load()}, {`reason="queue_full"`, st.hookQueueFull.Load()}}},
+			{`reason="attempts_spent"`, st.hookFailed.Load()}, {`reason="no_hook"`, st.hookNoHook.Load()},
+			{`reason="queue_full"`, st.hookQueueFull.Load()}, {`reason="total_queue_full"`, st.hookTotalFull.Load()}}},
+		{"gockets_hook_queued", "gauge", "Subscriber messages and events waiting for a hook or being posted, all subscribers together.", []metricSample{{"", int64(hooks.items)}}},
+		{"gockets_hook_queued_bytes", "gauge", "Bytes of their bodies.", []metricSample{{"", int64(hooks.bytes)}}},
+		{"gockets_hook_queue_limit", "gauge", "The most that may be queued, all subscribers together; one subscriber's queue holds at most 256 and 4 MiB.", []metricSample{{"", hookTotalLimit}}},
+		{"gockets_hook_queue_limit_bytes", "gauge", "The most bytes that may be queued, all subscribers together.", []metricSample{{"", hookTotalBytes}}},
+		{"gockets_hook_posts_in_flight", "gauge", "POSTs to hooks under way now.", []metricSample{{"", int64(hooks.posting)}}},
+		{"gockets_hook_posts_limit", "gauge", "The most POSTs to hooks under way at once, in all and to one host.", []metricSample{
+			{`per="daemon"`, hookPosts}, {`per="host"`, hookPostsPerHost}}},
 		{"gockets_state_save_failures_total", "counter", "Failed writes of the state file or its journal.", []metricSample{{"", st.stateSaveFailure.Load()}}},
 		{"go_goroutines", "gauge", "Goroutines that exist now.", []metricSample{{"", int64(runtime.NumGoroutine())}}},
 		{"go_memstats_heap_alloc_bytes", "gauge", "Bytes of heap objects in use or not yet freed.", []metricSample{{"", int64(mem.HeapAlloc)}}},
