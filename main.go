@@ -154,6 +154,7 @@ type config struct {
 
 	// Settings no flag reaches, for tests.
 	sendQueue   int                          // sendQueueLimit
+	shutdown    time.Duration                // shutdownTimeout
 	writeSynced func(*os.File, []byte) error // how the state store writes a file
 }
 
@@ -189,6 +190,7 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	cfg := config{
 		hook:        hookPolicy{attempts: 5, backoffMin: 250 * time.Millisecond, backoffMax: 4 * time.Second},
 		sendQueue:   sendQueueLimit,
+		shutdown:    shutdownTimeout,
 		writeSynced: writeSynced,
 	}
 	var pingSeconds int
@@ -475,6 +477,7 @@ type hub struct {
 	quit             chan struct{}  // closed by stop: the janitor and the store end
 	background       sync.WaitGroup // the janitor and the store
 	batches          sync.Pool      // of *[]byte, lent to WebSocket writers while they write
+	requests         requestWatch   // what each HTTP connection is doing, for shutdown
 }
 
 // stats counts what the daemon does, for /metrics.
@@ -749,6 +752,9 @@ func (h *hub) wait(ctx context.Context) error {
 	}
 	if n := h.pendingHooks(); n > 0 {
 		left = append(left, fmt.Sprintf("%d hook delivery(ies) not done", n))
+	}
+	if len(left) == 0 { // they ended as time ran out
+		return nil
 	}
 	return fmt.Errorf("abandoned %s: %w", strings.Join(left, " and "), ctx.Err())
 }
@@ -2455,6 +2461,9 @@ func (h *hub) routes() *http.ServeMux {
 
 // ServeHTTP routes a request; what no route takes gets a JSON 404 or 405.
 func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if c, ok := r.Context().Value(connKey{}).(*connActivity); ok {
+		defer c.serve(r)()
+	}
 	// prepare is a literal under the /channel/{publisher_token} wildcard:
 	// "GET /channel/prepare" is a wrong method, not a token.
 	if r.URL.Path == "/channel/prepare" && r.Method != http.MethodPost {
@@ -3124,6 +3133,8 @@ func listen(cfg config, srv *http.Server) (net.Listener, error) {
 func newServer(cfg config, h *hub, log *slog.Logger) *http.Server {
 	return &http.Server{
 		Handler:           h,
+		ConnContext:       h.requests.connContext,
+		ConnState:         h.requests.connState,
 		ReadHeaderTimeout: cfg.readHeaderTimeout,
 		ReadTimeout:       cfg.readTimeout,
 		WriteTimeout:      cfg.writeTimeout,
@@ -3135,18 +3146,137 @@ func newServer(cfg config, h *hub, log *slog.Logger) *http.Server {
 
 // shutdown closes every subscriber with 1001, lets in-flight requests and
 // queued hook deliveries finish within shutdownTimeout, and writes the
-// state file.
+// state file. What it abandons then fails it, except requests that had not
+// even been received whole: a client trickling a body loses nothing it was
+// promised, and is named in a warning.
 func shutdown(srv *http.Server, h *hub) error {
-	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.shutdown)
 	defer cancel()
 	served := make(chan error, 1)
 	go func() { served <- srv.Shutdown(ctx) }() // closes the listeners at once
 	h.closeAll()                                // SSE streams end, so Shutdown can finish
-	errs := []error{<-served, h.wait(ctx)}
+	var errs []error
+	if err := <-served; err != nil {
+		received, partial := h.requests.unfinished()
+		for _, r := range partial {
+			h.log.Warn("shutdown: abandoned a request not received whole", "request", r)
+		}
+		if len(received) > 0 {
+			errs = append(errs, fmt.Errorf("abandoned %d request(s) still being handled: %s", len(received), strings.Join(received, ", ")))
+		}
+		if err := srv.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close connections: %w", err))
+		}
+	}
+	errs = append(errs, h.wait(ctx))
 	h.stop()
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	h.log.Info("stopped")
 	return nil
+}
+
+// requestWatch knows what each HTTP connection is doing, so that a
+// shutdown that runs out of time can say what it abandons.
+type requestWatch struct {
+	mu    sync.Mutex
+	conns map[net.Conn]*connActivity
+}
+
+// connActivity is one HTTP connection: its request under way, if any.
+type connActivity struct {
+	active   atomic.Bool                  // between a request's headers and the end of its reply
+	request  atomic.Pointer[http.Request] // the last one
+	handling atomic.Bool                  // a handler is running for it
+	body     atomic.Pointer[watchedBody]  // its body, nil when it has none
+}
+
+type connKey struct{}
+
+// connContext and connState are the server's hooks.
+func (rw *requestWatch) connContext(ctx context.Context, conn net.Conn) context.Context {
+	c := &connActivity{}
+	rw.mu.Lock()
+	if rw.conns == nil {
+		rw.conns = make(map[net.Conn]*connActivity)
+	}
+	rw.conns[conn] = c
+	rw.mu.Unlock()
+	return context.WithValue(ctx, connKey{}, c)
+}
+
+func (rw *requestWatch) connState(conn net.Conn, state http.ConnState) {
+	switch state {
+	case http.StateActive, http.StateIdle:
+		rw.mu.Lock()
+		c := rw.conns[conn]
+		rw.mu.Unlock()
+		if c != nil {
+			c.active.Store(state == http.StateActive)
+		}
+	case http.StateHijacked, http.StateClosed: // a subscriber's, or gone
+		rw.mu.Lock()
+		delete(rw.conns, conn)
+		rw.mu.Unlock()
+	}
+}
+
+// serve records a request whose handler starts, and returns what records
+// its end.
+func (c *connActivity) serve(r *http.Request) (end func()) {
+	c.request.Store(r)
+	c.body.Store(nil)
+	if r.Body != nil && r.Body != http.NoBody {
+		b := &watchedBody{ReadCloser: r.Body}
+		c.body.Store(b)
+		r.Body = b
+	}
+	c.handling.Store(true)
+	return func() { c.handling.Store(false) }
+}
+
+// watchedBody is a request body that knows whether it was read to the end.
+type watchedBody struct {
+	io.ReadCloser
+	whole atomic.Bool
+}
+
+func (b *watchedBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.whole.Store(true)
+	}
+	return n, err
+}
+
+// unfinished describes the requests of the connections still active: those
+// received whole whose handler still runs, and those whose body (or reply)
+// was still on its way. Tokens in paths appear as fingerprints.
+func (rw *requestWatch) unfinished() (received, partial []string) {
+	rw.mu.Lock()
+	defer rw.mu.Unlock()
+	for _, c := range rw.conns {
+		r := c.request.Load()
+		if !c.active.Load() || r == nil || strings.HasPrefix(r.URL.Path, "/channel/subscribe/") {
+			continue // an event stream is a subscriber: wait counts those
+		}
+		path := r.URL.Path
+		if i := strings.LastIndexByte(path, '/'); len(path)-i-1 > 16 {
+			path = path[:i+1] + "#" + fingerprint(path[i+1:])
+		}
+		desc := r.Method + " " + path + " from " + r.RemoteAddr
+		body := c.body.Load()
+		switch {
+		case body != nil && !body.whole.Load():
+			partial = append(partial, desc+": body not received whole")
+		case c.handling.Load():
+			received = append(received, desc)
+		default:
+			partial = append(partial, desc+": reply still being sent")
+		}
+	}
+	slices.Sort(received)
+	slices.Sort(partial)
+	return received, partial
 }
