@@ -3116,6 +3116,11 @@ func TestMetricsAreExactAndMove(t *testing.T) {
 		`gockets_hook_requests_total{result="ok"}`, `gockets_hook_requests_total{result="error"}`,
 		`gockets_hook_dropped_total{reason="queue_full"}`, `gockets_hook_dropped_total{reason="no_hook"}`, `gockets_hook_dropped_total{reason="attempts_spent"}`,
 		"gockets_slow_subscriber_disconnects_total", "gockets_state_save_failures_total",
+		`gockets_hook_dropped_total{reason="total_queue_full"}`, "gockets_hook_queued", "gockets_hook_queued_bytes",
+		"gockets_hook_queue_limit", "gockets_hook_queue_limit_bytes", "gockets_hook_posts_in_flight",
+		`gockets_hook_posts_limit{per="daemon"}`, `gockets_hook_posts_limit{per="host"}`,
+		`gockets_subscribers_limit{per="daemon"}`, `gockets_subscribers_limit{per="channel"}`,
+		`gockets_subscribers_refused_total{reason="channel_full"}`, `gockets_subscribers_refused_total{reason="daemon_full"}`,
 		"go_goroutines", "go_memstats_heap_alloc_bytes", `gockets_build_info{version="` + version + `"}`,
 	} {
 		if _, ok := before[want]; !ok {
