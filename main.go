@@ -91,6 +91,11 @@ const (
 	wsBufferSize = 256
 	// batchBytes is the most a WebSocket writer gathers for one write.
 	batchBytes = 64 << 10
+	// payloadChunk is the room a subscriber's reader makes for a frame's
+	// payload before any of it has arrived; the room then grows, at most
+	// doubling, as it fills. A frame header alone can declare a message of
+	// -max-message-bytes, and must not cost them.
+	payloadChunk = 4 << 10
 )
 
 type config struct {
@@ -1488,17 +1493,17 @@ func (h *hub) newSubscriber(ch *channel, transport string) *subscriber {
 // subscriber and returns: net/http's handler goroutine, with its deep stack
 // and its buffers, ends at the upgrade instead of living as long as the
 // connection.
-func (s *subscriber) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *frameBatch) {
+func (s *subscriber) serveWebSocket(ws *websocket.Conn, conn *keptConn, out *frameBatch) {
 	s.begin(wsPeer{ws, out})
 	go s.writeLoop()
-	go s.read(ws, conn)
+	go s.read(conn.in, conn.Conn)
 }
 
 // read is a WebSocket subscriber's reader: it reads until the end, waits
 // for the writer to finish, then closes the connection.
-func (s *subscriber) read(ws *websocket.Conn, conn net.Conn) {
+func (s *subscriber) read(in *bufio.Reader, conn net.Conn) {
 	defer s.hub.connections.Done()
-	s.stop(s.readLoop(ws))
+	s.stop(s.readLoop(in))
 	<-s.done
 	if err := conn.Close(); err != nil {
 		s.log.Debug("close", "err", err)
@@ -1576,43 +1581,46 @@ func (s *subscriber) signal() {
 // peer, pongs included, proves it alive for two more ping intervals. After
 // a bad frame it sends our close and discards what follows until the
 // peer's close, so that the peer can read ours.
-func (s *subscriber) readLoop(ws *websocket.Conn) farewell {
+func (s *subscriber) readLoop(in *bufio.Reader) farewell {
+	lost := farewell{closeGoingAway, "connection lost", false, true}
 	var msg []byte
 	var msgType byte
 	inMessage, failed := false, false
 	for {
 		s.extendReadDeadline()
-		fr, err := ws.NewFrameReader()
+		h, err := readFrameHeader(in)
 		if isTimeout(err) {
 			return farewell{closeGoingAway, "ping timeout", false, false}
 		} else if err != nil {
-			return farewell{closeGoingAway, "connection lost", false, true}
+			return lost
 		}
-		h := parseFrameHeader(fr.HeaderReader(), fr.Len())
 		if !failed {
 			if bye, bad := h.problem(inMessage, int64(len(msg)), s.hub.cfg.maxMessageBytes); bad {
 				failed = true
 				s.stop(bye)
 			}
 		}
-		if h.opcode == websocket.CloseFrame && h.length <= 125 {
-			payload := make([]byte, h.length)
-			if _, err := io.ReadFull(fr, payload); err != nil {
-				return farewell{closeGoingAway, "connection lost", false, true}
+		if h.opcode == websocket.CloseFrame && h.length >= 0 && h.length <= 125 {
+			payload, err := h.readPayload(in, nil)
+			if err != nil {
+				return lost
 			}
 			return farewell{peerCloseCode(payload), "closed by peer", false, false}
 		}
 		if failed {
-			if _, err := io.Copy(io.Discard, fr); err != nil {
-				return farewell{closeGoingAway, "connection lost", false, true}
+			if h.length < 0 {
+				return lost // where this frame ends cannot be known
+			}
+			if _, err := in.Discard(int(h.length)); err != nil {
+				return lost
 			}
 			continue
 		}
 		switch h.opcode {
 		case websocket.PingFrame, websocket.PongFrame:
-			payload := make([]byte, h.length)
-			if _, err := io.ReadFull(fr, payload); err != nil {
-				return farewell{closeGoingAway, "connection lost", false, true}
+			payload, err := h.readPayload(in, make([]byte, 0, h.length)) // not nil: nil is no pong
+			if err != nil {
+				return lost
 			}
 			if h.opcode == websocket.PingFrame {
 				s.mu.Lock()
@@ -1624,10 +1632,8 @@ func (s *subscriber) readLoop(ws *websocket.Conn) farewell {
 		case websocket.TextFrame, websocket.BinaryFrame:
 			inMessage, msgType, msg = true, h.opcode, nil
 		}
-		start := len(msg)
-		msg = slices.Grow(msg, int(h.length))[:start+int(h.length)]
-		if _, err := io.ReadFull(fr, msg[start:]); err != nil {
-			return farewell{closeGoingAway, "connection lost", false, true}
+		if msg, err = h.readPayload(in, msg); err != nil {
+			return lost
 		}
 		if !h.fin {
 			continue
@@ -1659,24 +1665,74 @@ func (s *subscriber) extendReadDeadline() {
 type frameHeader struct {
 	fin, rsv, masked bool
 	opcode           byte
-	length           int64 // of the payload
+	length           int64 // of the payload; negative when its top bit is set
+	mask             [4]byte
 }
 
-// parseFrameHeader reads the bits x/net/websocket parsed but does not expose.
-func parseFrameHeader(r io.Reader, frameLen int) frameHeader {
-	b, ok := r.(interface{ Bytes() []byte })
-	if !ok || len(b.Bytes()) < 2 {
-		return frameHeader{opcode: websocket.UnknownFrame}
+// readFrameHeader reads a frame header (RFC 6455, 5.2). x/net/websocket's
+// frame reader hides the RSV and mask bits and clears the top bit of a
+// 64-bit length, which must be 0; this one hides nothing.
+func readFrameHeader(in *bufio.Reader) (frameHeader, error) {
+	first, err := readUint(in, 2)
+	if err != nil {
+		return frameHeader{}, err
 	}
-	raw := b.Bytes()
 	h := frameHeader{
-		fin:    raw[0]&0x80 != 0,
-		rsv:    raw[0]&0x70 != 0,
-		opcode: raw[0] & 0x0f,
-		masked: raw[1]&0x80 != 0,
-		length: int64(frameLen - len(raw)), // x/net's int overflow, if any, cancels out
+		fin:    first&0x8000 != 0,
+		rsv:    first&0x7000 != 0,
+		opcode: byte(first>>8) & 0x0f,
+		masked: first&0x80 != 0,
+		length: int64(first & 0x7f),
 	}
-	return h
+	var n uint64
+	switch h.length {
+	case 126:
+		n, err = readUint(in, 2)
+		h.length = int64(n)
+	case 127:
+		n, err = readUint(in, 8)
+		h.length = int64(n)
+	}
+	if err == nil && h.masked {
+		n, err = readUint(in, 4)
+		h.mask = [4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}
+	}
+	return h, err
+}
+
+// readUint reads a big-endian number of size bytes.
+func readUint(in *bufio.Reader, size int) (uint64, error) {
+	var n uint64
+	for range size {
+		b, err := in.ReadByte()
+		if err != nil {
+			return 0, err
+		}
+		n = n<<8 | uint64(b)
+	}
+	return n, nil
+}
+
+// readPayload appends the frame's payload, unmasked, to buf. It makes room
+// as the bytes arrive, never beyond the end of the frame, which problem
+// has checked against the limit.
+func (h frameHeader) readPayload(in io.Reader, buf []byte) ([]byte, error) {
+	start, end := len(buf), len(buf)+int(h.length)
+	for len(buf) < end {
+		if len(buf) == cap(buf) {
+			room := min(end-len(buf), max(len(buf), payloadChunk))
+			buf = append(make([]byte, 0, len(buf)+room), buf...)
+		}
+		n, err := in.Read(buf[len(buf):min(cap(buf), end)])
+		buf = buf[:len(buf)+n]
+		if err != nil && len(buf) < end {
+			return buf, err
+		}
+	}
+	for i := range buf[start:] {
+		buf[start+i] ^= h.mask[i%4]
+	}
+	return buf, nil
 }
 
 // problem says what is wrong with a frame, given the message it may
@@ -1686,6 +1742,8 @@ func (h frameHeader) problem(inMessage bool, msgBytes, limit int64) (farewell, b
 	switch {
 	case !h.masked || h.rsv:
 		return farewell{closeProtocolError, "client frames must be masked and use no extensions", false, false}, true
+	case h.length < 0:
+		return farewell{closeProtocolError, "the top bit of a frame length must be 0", false, false}, true
 	case control && (!h.fin || h.length > 125):
 		return farewell{closeProtocolError, "bad control frame", false, false}, true
 	case control && h.opcode > websocket.PongFrame:
@@ -2612,7 +2670,7 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 		},
 		Handler: func(ws *websocket.Conn) {
 			conn.kept = true
-			s.serveWebSocket(ws, conn.Conn, out)
+			s.serveWebSocket(ws, conn, out)
 		},
 	}.ServeHTTP(takeover{w, conn, out}, &http.Request{Method: r.Method, URL: r.URL, Header: r.Header, Host: r.Host, TLS: r.TLS})
 	if !conn.kept {
@@ -2640,11 +2698,11 @@ func (t takeover) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	t.conn.Conn, t.out.conn = conn, conn
-	r := buf.Reader
-	if r.Buffered() == 0 {
-		r = bufio.NewReaderSize(conn, wsBufferSize)
+	t.conn.in = buf.Reader
+	if t.conn.in.Buffered() == 0 {
+		t.conn.in = bufio.NewReaderSize(conn, wsBufferSize)
 	}
-	return t.conn, bufio.NewReadWriter(r, bufio.NewWriterSize(t.out, wsBufferSize)), nil
+	return t.conn, bufio.NewReadWriter(t.conn.in, bufio.NewWriterSize(t.out, wsBufferSize)), nil
 }
 
 // keptConn is the connection as x/net/websocket sees it. x/net closes it
@@ -2652,7 +2710,8 @@ func (t takeover) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 // Close is ignored, and the subscriber's reader closes it at the end.
 type keptConn struct {
 	net.Conn
-	kept bool // set by Handler, read by x/net's Close, on the same goroutine
+	in   *bufio.Reader // what x/net was given to read; the subscriber reads frames from it
+	kept bool          // set by Handler, read by x/net's Close, on the same goroutine
 }
 
 func (c *keptConn) Close() error {

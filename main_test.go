@@ -1330,15 +1330,23 @@ func TestBodiesAreLimited(t *testing.T) {
 // ---- Frames from subscribers ----
 
 func TestSubscriberFramesAreCheckedAndReassembled(t *testing.T) {
-	const limit = 4096
+	const limit = 5*payloadChunk + 3 // read in growing pieces
 	hook := startHook(t, nil)
 	d := startDaemon(t, "-max-message-bytes", fmt.Sprint(limit))
 	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
 
 	c := d.dial(ch.SubscriberToken)
-	c.send(true, websocket.BinaryFrame, make([]byte, limit))
-	if r := recv(t, hook.requests, "largest frame"); len(r.body) != limit {
-		t.Errorf("hook got %d bytes, want %d", len(r.body), limit)
+	largest := make([]byte, limit)
+	rand.Read(largest)
+	c.send(true, websocket.BinaryFrame, largest)
+	if r := recv(t, hook.requests, "largest frame"); r.body != string(largest) {
+		t.Errorf("hook got %d bytes, not the %d sent", len(r.body), limit)
+	}
+	c.send(false, websocket.BinaryFrame, largest[:10])
+	c.send(false, websocket.ContinuationFrame, largest[10:payloadChunk+1])
+	c.send(true, websocket.ContinuationFrame, largest[payloadChunk+1:])
+	if r := recv(t, hook.requests, "largest message in fragments"); r.body != string(largest) {
+		t.Errorf("hook got %d bytes, not the %d sent", len(r.body), limit)
 	}
 	c.send(false, websocket.TextFrame, []byte("frag"))
 	c.send(true, websocket.PingFrame, []byte("between fragments"))
@@ -1369,6 +1377,10 @@ func TestSubscriberFramesAreCheckedAndReassembled(t *testing.T) {
 		{"fragmented ping", func(c *wsClient) { c.send(false, websocket.PingFrame, []byte("x")) }, closeProtocolError},
 		{"unmasked close", func(c *wsClient) { c.sendFrame(true, websocket.CloseFrame, closePayload(closeNormal), false) }, closeProtocolError},
 		{"one-byte close", func(c *wsClient) { c.send(true, websocket.CloseFrame, []byte{3}) }, closeProtocolError},
+		{"64-bit length with its top bit set", func(c *wsClient) {
+			// 2^63 + 5 bytes, which RFC 6455 forbids; x/net would read 5.
+			c.conn.Write([]byte{0x82, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 5, 1, 2, 3, 4, 'h', 'e', 'l', 'l', 'o'})
+		}, closeProtocolError},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1381,6 +1393,77 @@ func TestSubscriberFramesAreCheckedAndReassembled(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestFrameHeadersCostOnlyWhatArrives opens connections that each send a
+// frame header declaring a message of the largest size allowed, and then
+// nothing: what they cost must grow with the bytes that came, not with what
+// the headers declared. The bound is the issue's: 4,000 such connections
+// under 100 MB in all, about 25 KB each, this test's clients included. It
+// measures after every batch, so that a reader that believes the header
+// fails early instead of taking gigabytes.
+func TestFrameHeadersCostOnlyWhatArrives(t *testing.T) {
+	const perConnection = 100e6 / 4000
+	for _, tc := range []struct {
+		limit        int64
+		conns, batch int
+	}{
+		{1 << 20, 4000, 500},
+		{64 << 20, 200, 10}, // -max-message-bytes at its largest
+	} {
+		t.Run(fmt.Sprint(tc.limit), func(t *testing.T) {
+			d := startDaemon(t, "-max-message-bytes", fmt.Sprint(tc.limit), "-log-level", "2")
+			ch := d.prepare("")
+			u, _ := url.Parse(d.wsURL(ch.SubscriberToken))
+			// A ping, answered once the reader has reached the frame after
+			// it, then the header of a frame of limit bytes: 14 bytes.
+			header := []byte{0x89, 0x80, 1, 2, 3, 4, 0x82, 0xff}
+			header = binary.BigEndian.AppendUint64(header, uint64(tc.limit))
+			header = append(header, 1, 2, 3, 4)
+			conns := make([]net.Conn, 0, tc.conns)
+			defer func() {
+				for _, c := range conns {
+					c.Close()
+				}
+			}()
+			base, cost := liveBytes(), int64(0)
+			for len(conns) < tc.conns {
+				for range tc.batch {
+					conn, err := net.Dial("tcp", u.Host)
+					if err != nil {
+						t.Fatal(err)
+					}
+					conns = append(conns, conn)
+					if c, resp := handshake(t, conn, u, nil); c == nil {
+						t.Fatalf("subscribe: %s", resp.Status)
+					}
+					if _, err := conn.Write(header); err != nil {
+						t.Fatal(err)
+					}
+				}
+				for _, conn := range conns[len(conns)-tc.batch:] {
+					var pong [2]byte
+					if _, err := io.ReadFull(conn, pong[:]); err != nil || pong != [2]byte{0x8a, 0} {
+						t.Fatalf("pong: % x %v", pong, err)
+					}
+				}
+				cost = int64(liveBytes()) - int64(base)
+				if cost > perConnection*int64(len(conns)) {
+					t.Fatalf("%d connections cost %d MB, more than %d B each", len(conns), cost/1e6, int64(perConnection))
+				}
+			}
+			t.Logf("%d connections declaring %d bytes each: %d KB in all, %d B each", len(conns), tc.limit, cost/1000, cost/int64(len(conns)))
+		})
+	}
+}
+
+// liveBytes is the heap in use after a collection, with the goroutine
+// stacks: what the process holds, by the Go runtime's count.
+func liveBytes() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc + ms.StackInuse
 }
 
 // ---- Limits and timeouts ----
