@@ -1763,13 +1763,16 @@ func (h frameHeader) problem(inMessage bool, msgBytes, limit int64) (farewell, b
 }
 
 // peerCloseCode is the code to echo to a peer's close frame: its own when
-// that is a code a peer may send (RFC 6455, 7.4), else 1002.
+// that is a code a peer may send (RFC 6455, 7.4), else 1002; 1007 when its
+// reason is not UTF-8.
 func peerCloseCode(payload []byte) int {
-	switch len(payload) {
-	case 0:
+	switch {
+	case len(payload) == 0:
 		return closeNormal
-	case 1:
+	case len(payload) == 1:
 		return closeProtocolError // a code is two bytes
+	case !utf8.Valid(payload[2:]):
+		return closeInvalidData
 	}
 	code := int(payload[0])<<8 | int(payload[1])
 	switch {

@@ -1377,6 +1377,9 @@ func TestSubscriberFramesAreCheckedAndReassembled(t *testing.T) {
 		{"fragmented ping", func(c *wsClient) { c.send(false, websocket.PingFrame, []byte("x")) }, closeProtocolError},
 		{"unmasked close", func(c *wsClient) { c.sendFrame(true, websocket.CloseFrame, closePayload(closeNormal), false) }, closeProtocolError},
 		{"one-byte close", func(c *wsClient) { c.send(true, websocket.CloseFrame, []byte{3}) }, closeProtocolError},
+		{"close reason not UTF-8", func(c *wsClient) {
+			c.send(true, websocket.CloseFrame, append(closePayload(closeNormal), "bye \xff"...))
+		}, closeInvalidData},
 		{"64-bit length with its top bit set", func(c *wsClient) {
 			// 2^63 + 5 bytes, which RFC 6455 forbids; x/net would read 5.
 			c.conn.Write([]byte{0x82, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 5, 1, 2, 3, 4, 'h', 'e', 'l', 'l', 'o'})
