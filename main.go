@@ -2042,37 +2042,63 @@ func (b *frameBatch) end(write bool) error {
 
 // ssePeer writes Server-Sent Events. Each message is an event with its id,
 // so that a reconnecting EventSource resumes where it stopped
-// (Last-Event-ID); binary messages are sent base64 as "event: binary".
+// (Last-Event-ID); binary messages are sent base64 as "event: binary". An
+// event goes in pieces into the response's own buffer: a subscriber holds
+// no copy of a message, and makes none to send it.
 type ssePeer struct {
-	w   http.ResponseWriter
-	rc  *http.ResponseController
-	buf []byte
+	w  http.ResponseWriter
+	rc *http.ResponseController
 }
 
 func (p *ssePeer) send(m *message) error {
-	b := strconv.AppendUint(append(p.buf[:0], "id: "...), m.id, 10)
-	data := m.data
+	e := &eventWriter{w: p.w}
+	e.WriteString("id: " + strconv.FormatUint(m.id, 10))
 	if m.binary {
-		b = append(b, "\nevent: binary"...)
-		data = base64.StdEncoding.AppendEncode(nil, m.data)
-	}
-	// EventSource ends a line at \r\n, \r or \n: each becomes a data line
-	// of its own, and the browser joins them with \n.
-	for {
-		end := bytes.IndexAny(data, "\r\n")
-		if end < 0 {
-			break
+		e.WriteString("\nevent: binary\ndata: ")
+		b64 := base64.NewEncoder(base64.StdEncoding, e) // in pieces of 1 KiB
+		_, _ = b64.Write(m.data)                        // errors are kept in e
+		_ = b64.Close()
+	} else {
+		// EventSource ends a line at \r\n, \r or \n: each becomes a data
+		// line of its own, and the browser joins them with \n.
+		data := m.data
+		for {
+			end := bytes.IndexAny(data, "\r\n")
+			if end < 0 {
+				break
+			}
+			e.WriteString("\ndata: ")
+			_, _ = e.Write(data[:end])
+			if data[end] == '\r' && end+1 < len(data) && data[end+1] == '\n' {
+				end++
+			}
+			data = data[end+1:]
 		}
-		b = append(append(b, "\ndata: "...), data[:end]...)
-		if data[end] == '\r' && end+1 < len(data) && data[end+1] == '\n' {
-			end++
-		}
-		data = data[end+1:]
+		e.WriteString("\ndata: ")
+		_, _ = e.Write(data)
 	}
-	b = append(append(b, "\ndata: "...), data...)
-	p.buf = append(b, "\n\n"...)
-	_, err := p.w.Write(p.buf)
-	return err
+	e.WriteString("\n\n")
+	return e.err
+}
+
+// eventWriter writes the pieces of an event until one fails, and keeps
+// that error.
+type eventWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (e *eventWriter) Write(p []byte) (int, error) {
+	if e.err == nil {
+		_, e.err = e.w.Write(p)
+	}
+	return len(p), e.err
+}
+
+func (e *eventWriter) WriteString(s string) {
+	if e.err == nil {
+		_, e.err = io.WriteString(e.w, s)
+	}
 }
 
 func (p *ssePeer) flush() error { return p.rc.Flush() }

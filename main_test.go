@@ -3005,6 +3005,81 @@ func TestSubscribeAsksForWebSocketOrSSE(t *testing.T) {
 	}
 }
 
+// TestSSEHoldsNoCopyOfAMessage publishes 1 MB to 200 event streams: no
+// subscriber may keep a buffer of its size afterwards, nor make a copy of
+// it to send it (which would be 200 MB of garbage).
+func TestSSEHoldsNoCopyOfAMessage(t *testing.T) {
+	const subscribers = 200
+	line := strings.Repeat("x", 8<<10-1) + "\n" // each line is a data line of its own
+	text := strings.Repeat(line, 1<<20/len(line))
+	// Binary is smaller: base64 under -race takes seconds per 100 MB.
+	binary := strings.Repeat("\x00\xff", 1<<17)
+	for _, tc := range []struct {
+		name, contentType, body, event string
+	}{
+		{"text", "text/plain", text, "data: " + strings.ReplaceAll(text, "\n", "\ndata: ") + "\n\n"},
+		{"binary", "application/octet-stream", binary, "event: binary\ndata: " + base64.StdEncoding.EncodeToString([]byte(binary)) + "\n\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := startDaemon(t)
+			ch := d.prepare("")
+			clients := make([]*sseClient, subscribers)
+			for i := range clients {
+				clients[i] = d.sse(ch.SubscriberToken, "")
+			}
+			received := make(chan error, subscribers)
+			bufs := make([][32 << 10]byte, subscribers)
+			base := liveBytes()
+			var before runtime.MemStats
+			runtime.ReadMemStats(&before)
+			d.request(http.DefaultClient, "POST", "/channel/publish/"+ch.PublisherToken, tc.body, func(r *http.Request) {
+				r.Header.Set("Content-Type", tc.contentType)
+			})
+			for i, c := range clients {
+				go func() { received <- c.expectEvent(tc.event, bufs[i][:]) }()
+			}
+			for range clients {
+				if err := recv(t, received, "the event"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var after runtime.MemStats
+			runtime.ReadMemStats(&after)
+			live := int64(liveBytes()) - int64(base)
+			runtime.KeepAlive(bufs) // counted in base
+			perDelivery := (after.TotalAlloc - before.TotalAlloc) / subscribers
+			t.Logf("%s, %d B to %d subscribers: %d KB more live after, %d B allocated per delivery", tc.name, len(tc.body), subscribers, live/1000, perDelivery)
+			if live > 5e6 {
+				t.Errorf("%d MB more live after the publish, want < 5 MB", live/1e6)
+			}
+			if perDelivery > uint64(len(tc.body)/8) { // a copy is as big as the message, or bigger
+				t.Errorf("%d KB allocated per delivery, want < %d KB", perDelivery/1000, len(tc.body)/8/1000)
+			}
+		})
+	}
+}
+
+// expectEvent reads the next event, which must be "id: N\n" and then
+// exactly rest, comparing as it reads through buf: it keeps no copy.
+func (c *sseClient) expectEvent(rest string, buf []byte) error {
+	c.conn.SetReadDeadline(time.Now().Add(waitTimeout))
+	id, err := c.br.ReadSlice('\n')
+	if _, badID := strconv.ParseUint(string(bytes.TrimSuffix(bytes.TrimPrefix(id, []byte("id: ")), []byte("\n"))), 10, 64); err != nil || badID != nil {
+		return fmt.Errorf("event begins with %q (%v), want its id", id, err)
+	}
+	for read := 0; read < len(rest); {
+		n, err := c.br.Read(buf[:min(len(buf), len(rest)-read)])
+		if string(buf[:n]) != rest[read:read+n] {
+			return fmt.Errorf("event differs from byte %d on", read)
+		}
+		read += n
+		if err != nil && read < len(rest) {
+			return fmt.Errorf("event ended at byte %d of %d: %v", read, len(rest), err)
+		}
+	}
+	return nil
+}
+
 // ---- Binary messages ----
 
 func TestBinaryMessagesBothWays(t *testing.T) {
