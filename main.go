@@ -2662,6 +2662,11 @@ func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case strings.EqualFold(r.Header.Get("Upgrade"), "websocket"):
 		h.subscribeWebSocket(w, r, ch)
+	case strings.Contains(r.Header.Get("Accept"), "text/event-stream") && r.Method == http.MethodHead:
+		// A HEAD can receive no message: it gets the stream's headers,
+		// and neither takes the backlog nor counts as a listener.
+		setSSEHeaders(w, r)
+		w.WriteHeader(http.StatusOK)
 	case strings.Contains(r.Header.Get("Accept"), "text/event-stream"):
 		h.subscribeSSE(w, r, ch)
 	default:
@@ -2773,19 +2778,23 @@ func (h *hub) subscribeSSE(w http.ResponseWriter, r *http.Request, ch *channel) 
 	defer context.AfterFunc(r.Context(), func() {
 		s.stop(farewell{closeGoingAway, "connection lost", false, true})
 	})()
-	header := w.Header()
-	header.Set("Content-Type", "text/event-stream")
-	header.Set("Cache-Control", "no-cache")
-	header.Set("X-Accel-Buffering", "no") // nginx: pass events on at once
-	if origin := r.Header.Get("Origin"); origin != "" {
-		header.Set("Access-Control-Allow-Origin", origin) // allowed above
-		header.Set("Vary", "Origin")
-	}
+	setSSEHeaders(w, r)
 	w.WriteHeader(http.StatusOK)
 	if err := rc.Flush(); err != nil {
 		s.stop(farewell{closeGoingAway, "connection lost", false, true})
 	}
 	s.serveSSE(&ssePeer{w: w, rc: rc})
+}
+
+func setSSEHeaders(w http.ResponseWriter, r *http.Request) {
+	header := w.Header()
+	header.Set("Content-Type", "text/event-stream")
+	header.Set("Cache-Control", "no-cache")
+	header.Set("X-Accel-Buffering", "no") // nginx: pass events on at once
+	if origin := r.Header.Get("Origin"); origin != "" {
+		header.Set("Access-Control-Allow-Origin", origin) // allowed by handleSubscribe
+		header.Set("Vary", "Origin")
+	}
 }
 
 // handleHealth is for load balancers and systemd: 200 while serving, 503

@@ -3068,6 +3068,7 @@ func (c *sseClient) expectEvent(rest string, buf []byte) error {
 		return fmt.Errorf("event begins with %q (%v), want its id", id, err)
 	}
 	for read := 0; read < len(rest); {
+		c.conn.SetReadDeadline(time.Now().Add(waitTimeout)) // for each piece: 200 streams share the CPU
 		n, err := c.br.Read(buf[:min(len(buf), len(rest)-read)])
 		if string(buf[:n]) != rest[read:read+n] {
 			return fmt.Errorf("event differs from byte %d on", read)
@@ -3078,6 +3079,37 @@ func (c *sseClient) expectEvent(rest string, buf []byte) error {
 		}
 	}
 	return nil
+}
+
+// TestHeadIsNoSubscriber asks for an event stream with HEAD: the answer has
+// the stream's headers and no body, so it neither takes the backlog nor
+// counts as a listener.
+func TestHeadIsNoSubscriber(t *testing.T) {
+	d := startDaemon(t)
+	ch := d.prepare("")
+	d.publish(ch.PublisherToken, "kept")
+	// On a connection of its own: a HEAD served as a stream never ends.
+	status, header, body := d.request(&http.Client{Timeout: waitTimeout}, "HEAD", "/channel/subscribe/"+ch.SubscriberToken, "", func(r *http.Request) {
+		r.Header.Set("Accept", "text/event-stream")
+		r.Close = true
+	})
+	if status != 200 || header.Get("Content-Type") != "text/event-stream" || body != "" {
+		t.Errorf("HEAD: %d %q %q", status, header.Get("Content-Type"), body)
+	}
+	m := scrape(t, d)
+	for _, name := range []string{
+		`gockets_subscribers{transport="sse"}`, "gockets_messages_delivered_total", `gockets_messages_dropped_total{reason="subscriber_gone"}`,
+	} {
+		if m[name] != 0 {
+			t.Errorf("%s = %d after HEAD, want 0", name, m[name])
+		}
+	}
+	if n := d.listeners(ch.PublisherToken); n != 0 {
+		t.Errorf("listeners = %d after HEAD, want 0", n)
+	}
+	if ev := d.sse(ch.SubscriberToken, "").message(); ev.data != "kept" {
+		t.Errorf("the first real subscriber got %+v, want the kept message", ev)
+	}
 }
 
 // ---- Binary messages ----
