@@ -260,6 +260,10 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	switch {
 	case strings.TrimSpace(cfg.hostName) == "":
 		return cfg, usageError{fmt.Errorf("%s must not be empty", source["host-name"])}
+	case strings.TrimSpace(cfg.adminToken) != cfg.adminToken:
+		// The token a client presents is read trimmed, so this one could
+		// never match; trimming it here would change a secret silently.
+		return cfg, usageError{fmt.Errorf("%s must not begin or end with white space", source["admin-token"])}
 	case (cfg.tlsCert == "") != (cfg.tlsKey == ""):
 		return cfg, usageError{errors.New("-tls-cert and -tls-key go together")}
 	case cfg.bind != "" && net.ParseIP(cfg.bind) == nil && !validHost(cfg.bind):
@@ -925,18 +929,23 @@ func parseChannelOptions(body []byte) (channelOptions, error) {
 	if len(body) == 0 || bytes.Equal(body, []byte("[]")) {
 		return opts, nil
 	}
-	var fields struct {
-		HookURL json.RawMessage `json:"subscriber_message_hook_url"`
-		Tag     json.RawMessage `json:"tag"`
-	}
+	// A map, not a struct: encoding/json would match a struct's field
+	// names in any case, and the README promises that a name it does not
+	// know exactly is refused.
+	var fields map[string]json.RawMessage
 	if err := decodeStrict(body, &fields); err != nil {
 		return opts, fmt.Errorf("body is not a valid JSON object: %w", err)
 	}
+	for _, name := range slices.Sorted(maps.Keys(fields)) {
+		if name != "subscriber_message_hook_url" && name != "tag" {
+			return opts, fmt.Errorf("body is not a valid JSON object: json: unknown field %q", name)
+		}
+	}
 	var err error
-	if opts.hookURL, opts.setHook, err = optionalString("subscriber_message_hook_url", fields.HookURL); err != nil {
+	if opts.hookURL, opts.setHook, err = optionalString("subscriber_message_hook_url", fields["subscriber_message_hook_url"]); err != nil {
 		return opts, err
 	}
-	if opts.tag, opts.setTag, err = optionalString("tag", fields.Tag); err != nil {
+	if opts.tag, opts.setTag, err = optionalString("tag", fields["tag"]); err != nil {
 		return opts, err
 	}
 	if opts.hookURL != nil {
@@ -1185,7 +1194,8 @@ func decodeStrict(data []byte, v any) error {
 	if err := dec.Decode(v); err != nil {
 		return err
 	}
-	if dec.More() {
+	// Only JSON's white space may follow (dec.More misses a stray ] or }).
+	if len(bytes.Trim(data[dec.InputOffset():], " \t\r\n")) > 0 {
 		return errors.New("data after the JSON value")
 	}
 	return nil
@@ -2343,8 +2353,12 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // routeErrors passes every reply through but the mux's own plain-text 404
-// and 405, which it answers in JSON (405 keeps the mux's Allow header). It
-// spares routing each request twice to find those out beforehand.
+// and 405, which it answers in JSON (405 keeps the mux's Allow header), and
+// its HTML redirect from a path such as //channel or /channel/./x to the
+// cleaned path, which it answers with a JSON 404 naming that path: the
+// API's paths are exact, and an API client follows no redirect (a
+// WebSocket cannot). It spares routing each request twice to find those
+// out beforehand.
 type routeErrors struct {
 	http.ResponseWriter
 	r        *http.Request
@@ -2352,17 +2366,24 @@ type routeErrors struct {
 }
 
 func (e *routeErrors) WriteHeader(code int) {
-	if code != http.StatusNotFound && code != http.StatusMethodNotAllowed || e.Header().Get("Content-Type") == "application/json" {
+	mine := code == http.StatusNotFound || code == http.StatusMethodNotAllowed || code == http.StatusTemporaryRedirect
+	if !mine || e.Header().Get("Content-Type") == "application/json" {
 		e.ResponseWriter.WriteHeader(code)
 		return
 	}
 	e.replaced = true
-	e.Header().Del("X-Content-Type-Options")
-	if code == http.StatusMethodNotAllowed {
-		reply(e.ResponseWriter, code, "ERR", "method "+e.r.Method+" is not allowed here; allowed: "+e.Header().Get("Allow"))
-		return
+	header := e.Header()
+	header.Del("X-Content-Type-Options")
+	switch code {
+	case http.StatusMethodNotAllowed:
+		reply(e.ResponseWriter, code, "ERR", "method "+e.r.Method+" is not allowed here; allowed: "+header.Get("Allow"))
+	case http.StatusTemporaryRedirect:
+		cleaned := header.Get("Location")
+		header.Del("Location")
+		reply(e.ResponseWriter, http.StatusNotFound, "ERR", "no such route: "+e.r.Method+" "+e.r.URL.Path+" (paths are exact: did you mean "+cleaned+"?)")
+	default:
+		reply(e.ResponseWriter, code, "ERR", "no such route: "+e.r.Method+" "+e.r.URL.Path)
 	}
-	reply(e.ResponseWriter, code, "ERR", "no such route: "+e.r.Method+" "+e.r.URL.Path)
 }
 
 func (e *routeErrors) Write(p []byte) (int, error) {
@@ -2692,7 +2713,9 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 		Handshake: func(cfg *websocket.Config, req *http.Request) error {
 			req.Header, req.URL = nil, nil // read by now, and x/net keeps req
 			// x/net refuses a client that offers more than one subprotocol;
-			// take its first, as a server that knows none may.
+			// take its first, as a server that knows none may. x/net keeps
+			// the empty names of "a, ,b": they are no choice.
+			cfg.Protocol = slices.DeleteFunc(cfg.Protocol, func(p string) bool { return p == "" })
 			cfg.Protocol = cfg.Protocol[:min(len(cfg.Protocol), 1)]
 			// Joining before the 101 is sent makes listeners count a
 			// subscriber by the time it can see the upgrade. Between the
