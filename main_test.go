@@ -1844,6 +1844,62 @@ func TestHookQueueIsBounded(t *testing.T) {
 	}
 }
 
+// TestHookOrderHoldsPerConnectionWithFewWorkers: more subscribers than
+// workers send at once; each one's messages reach the hook in order, and
+// no more than hookPostsPerHost POSTs reach one host at a time.
+func TestHookOrderHoldsPerConnectionWithFewWorkers(t *testing.T) {
+	const subscribers, frames = 2 * hookPosts, 20
+	var mu sync.Mutex
+	var now, most int
+	got := map[string][]string{} // by subscriber, from the delivery id
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		now++
+		most = max(most, now)
+		mu.Unlock()
+		body, _ := io.ReadAll(r.Body)
+		time.Sleep(time.Millisecond) // long enough for POSTs to overlap
+		parts := strings.Split(r.Header.Get("X-Gockets-Delivery-Id"), ".")
+		mu.Lock()
+		now--
+		got[parts[1]] = append(got[parts[1]], string(body))
+		mu.Unlock()
+	}))
+	t.Cleanup(hook.Close)
+	d := startDaemon(t)
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.URL))
+	clients := make([]*wsClient, subscribers)
+	for i := range clients {
+		clients[i] = d.dial(ch.SubscriberToken)
+	}
+	var wg sync.WaitGroup
+	for _, c := range clients {
+		wg.Go(func() {
+			for i := range frames {
+				c.send(true, websocket.TextFrame, []byte(strconv.Itoa(i)))
+			}
+		})
+	}
+	wg.Wait()
+	waitFor(t, "every message to reach the hook", func() bool { return d.hub.stats.hookDelivered.Load() == subscribers*frames })
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != subscribers {
+		t.Errorf("messages from %d subscribers, want %d", len(got), subscribers)
+	}
+	for sub, bodies := range got {
+		for i, b := range bodies {
+			if b != strconv.Itoa(i) {
+				t.Fatalf("subscriber %s: message %d reached the hook as %q: out of order", sub, i, b)
+			}
+		}
+	}
+	if most > hookPostsPerHost {
+		t.Errorf("%d POSTs to one host at once, more than %d", most, hookPostsPerHost)
+	}
+	t.Logf("%d subscribers, %d messages each: at most %d POSTs at once", subscribers, frames, most)
+}
+
 // TestHookWorkIsBoundedForTheWholeDaemon is the attack of a client with one
 // subscriber token against a hook that hangs: many connections, each
 // sending 4 MB and closing, then fast connect-and-close cycles making
