@@ -1675,16 +1675,16 @@ func (h *hub) newSubscriber(ch *channel, transport string) *subscriber {
 func (s *subscriber) serveWebSocket(ws *websocket.Conn, conn *keptConn, out *frameBatch) {
 	s.begin(wsPeer{ws, out})
 	go s.writeLoop()
-	go s.read(conn.in, conn.Conn)
+	go s.read(ws, conn)
 }
 
 // read is a WebSocket subscriber's reader: it reads until the end, waits
 // for the writer to finish, then closes the connection.
-func (s *subscriber) read(in *bufio.Reader, conn net.Conn) {
+func (s *subscriber) read(ws *websocket.Conn, conn *keptConn) {
 	defer s.hub.release(s.ch)
-	s.stop(s.readLoop(in))
+	s.stop(s.readLoop(ws, conn.in))
 	<-s.done
-	if err := conn.Close(); err != nil {
+	if err := conn.Conn.Close(); err != nil {
 		s.log.Debug("close", "err", err)
 	}
 	s.log.Debug("subscriber disconnected", "code", s.bye.code, "reason", s.bye.reason)
@@ -1760,14 +1760,16 @@ func (s *subscriber) signal() {
 // peer, pongs included, proves it alive for two more ping intervals. After
 // a bad frame it sends our close and discards what follows until the
 // peer's close, so that the peer can read ours.
-func (s *subscriber) readLoop(in *bufio.Reader) farewell {
+// x/net/websocket reads the frames; in is the buffered reader it reads
+// them from, where the reader peeks at the one bit x/net clears.
+func (s *subscriber) readLoop(ws *websocket.Conn, in *bufio.Reader) farewell {
 	lost := farewell{closeGoingAway, "connection lost", false, true}
 	var msg []byte
 	var msgType byte
 	inMessage, failed := false, false
 	for {
 		s.extendReadDeadline()
-		h, err := readFrameHeader(in)
+		h, fr, err := nextFrame(ws, in)
 		if isTimeout(err) {
 			return farewell{closeGoingAway, "ping timeout", false, false}
 		} else if err != nil {
@@ -1780,7 +1782,7 @@ func (s *subscriber) readLoop(in *bufio.Reader) farewell {
 			}
 		}
 		if h.opcode == websocket.CloseFrame && h.length >= 0 && h.length <= 125 {
-			payload, err := h.readPayload(in, nil)
+			payload, err := readPayload(fr, nil, h.length)
 			if err != nil {
 				return lost
 			}
@@ -1790,14 +1792,14 @@ func (s *subscriber) readLoop(in *bufio.Reader) farewell {
 			if h.length < 0 {
 				return lost // where this frame ends cannot be known
 			}
-			if _, err := in.Discard(int(h.length)); err != nil {
+			if _, err := io.Copy(io.Discard, fr); err != nil {
 				return lost
 			}
 			continue
 		}
 		switch h.opcode {
 		case websocket.PingFrame, websocket.PongFrame:
-			payload, err := h.readPayload(in, make([]byte, 0, h.length)) // not nil: nil is no pong
+			payload, err := readPayload(fr, make([]byte, 0, h.length), h.length) // not nil: nil is no pong
 			if err != nil {
 				return lost
 			}
@@ -1811,7 +1813,7 @@ func (s *subscriber) readLoop(in *bufio.Reader) farewell {
 		case websocket.TextFrame, websocket.BinaryFrame:
 			inMessage, msgType, msg = true, h.opcode, nil
 		}
-		if msg, err = h.readPayload(in, msg); err != nil {
+		if msg, err = readPayload(fr, msg, h.length); err != nil {
 			return lost
 		}
 		if !h.fin {
@@ -1845,71 +1847,66 @@ type frameHeader struct {
 	fin, rsv, masked bool
 	opcode           byte
 	length           int64 // of the payload; negative when its top bit is set
-	mask             [4]byte
 }
 
-// readFrameHeader reads a frame header (RFC 6455, 5.2). x/net/websocket's
-// frame reader hides the RSV and mask bits and clears the top bit of a
-// 64-bit length, which must be 0; this one hides nothing.
-func readFrameHeader(in *bufio.Reader) (frameHeader, error) {
-	first, err := readUint(in, 2)
+// nextFrame peeks at the next frame's header for the top bit of a 64-bit
+// length, which RFC 6455 (5.2) says must be 0 and x/net's frame reader
+// clears, then lets x/net read the frame and reads the header bits it
+// parsed but does not expose.
+func nextFrame(ws *websocket.Conn, in *bufio.Reader) (frameHeader, io.Reader, error) {
+	start, err := in.Peek(2)
 	if err != nil {
-		return frameHeader{}, err
+		return frameHeader{}, nil, err
 	}
-	h := frameHeader{
-		fin:    first&0x8000 != 0,
-		rsv:    first&0x7000 != 0,
-		opcode: byte(first>>8) & 0x0f,
-		masked: first&0x80 != 0,
-		length: int64(first & 0x7f),
-	}
-	var n uint64
-	switch h.length {
-	case 126:
-		n, err = readUint(in, 2)
-		h.length = int64(n)
-	case 127:
-		n, err = readUint(in, 8)
-		h.length = int64(n)
-	}
-	if err == nil && h.masked {
-		n, err = readUint(in, 4)
-		h.mask = [4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}
-	}
-	return h, err
-}
-
-// readUint reads a big-endian number of size bytes.
-func readUint(in *bufio.Reader, size int) (uint64, error) {
-	var n uint64
-	for range size {
-		b, err := in.ReadByte()
-		if err != nil {
-			return 0, err
+	topBit := false
+	if start[1]&0x7f == 127 {
+		if start, err = in.Peek(3); err != nil {
+			return frameHeader{}, nil, err
 		}
-		n = n<<8 | uint64(b)
+		topBit = start[2]&0x80 != 0
 	}
-	return n, nil
+	fr, err := ws.NewFrameReader()
+	if err != nil {
+		return frameHeader{}, nil, err
+	}
+	header, ok := fr.HeaderReader().(interface{ Bytes() []byte })
+	if !ok || len(header.Bytes()) < 2 {
+		return frameHeader{}, nil, errors.New("x/net/websocket: frame header unreadable")
+	}
+	raw := header.Bytes()
+	h := frameHeader{
+		fin:    raw[0]&0x80 != 0,
+		rsv:    raw[0]&0x70 != 0,
+		opcode: raw[0] & 0x0f,
+		masked: raw[1]&0x80 != 0,
+		length: int64(fr.Len() - len(raw)), // x/net's int overflow, if any, cancels out
+	}
+	if topBit {
+		h.length = -1
+	}
+	return h, fr, nil
 }
 
-// readPayload appends the frame's payload, unmasked, to buf. It makes room
-// as the bytes arrive, never beyond the end of the frame, which problem
-// has checked against the limit.
-func (h frameHeader) readPayload(in io.Reader, buf []byte) ([]byte, error) {
-	start, end := len(buf), len(buf)+int(h.length)
+// readPayload appends a frame's payload of length bytes, unmasked by x/net,
+// to buf. It makes room as the bytes arrive, at most doubling it, never
+// beyond the end of the frame: a header alone can declare a message of
+// -max-message-bytes, and must not cost them. A finished message's buffer
+// is exactly its size.
+func readPayload(fr io.Reader, buf []byte, length int64) ([]byte, error) {
+	end := len(buf) + int(length)
 	for len(buf) < end {
 		if len(buf) == cap(buf) {
 			room := min(end-len(buf), max(len(buf), payloadChunk))
 			buf = append(make([]byte, 0, len(buf)+room), buf...)
 		}
-		n, err := in.Read(buf[len(buf):min(cap(buf), end)])
+		n, err := fr.Read(buf[len(buf):min(cap(buf), end)])
 		buf = buf[:len(buf)+n]
 		if err != nil && len(buf) < end {
+			if err == io.EOF { // x/net's frame reader ends where the connection did
+				err = io.ErrUnexpectedEOF
+			}
 			return buf, err
 		}
-	}
-	for i := range buf[start:] {
-		buf[start+i] ^= h.mask[i%4]
 	}
 	return buf, nil
 }
