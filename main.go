@@ -1790,7 +1790,14 @@ func (s *subscriber) readLoop(ws *websocket.Conn, in *bufio.Reader) farewell {
 		}
 		if failed {
 			if h.length < 0 {
-				return lost // where this frame ends cannot be known
+				// Where this frame ends cannot be known: no frame follows,
+				// but what arrives is read until the peer goes or the
+				// close grace ends, as closing with unread bytes would
+				// reset the connection and lose our close frame.
+				if _, err := io.Copy(io.Discard, in); err != nil && !isTimeout(err) {
+					s.log.Debug("discard after a bad frame", "err", err)
+				}
+				return lost
 			}
 			if _, err := io.Copy(io.Discard, fr); err != nil {
 				return lost
