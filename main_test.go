@@ -6,17 +6,22 @@ import (
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
+	"log/slog"
 	"math/big"
 	"net"
 	"net/http"
@@ -94,6 +99,7 @@ func startDaemonWith(t testing.TB, tweak func(*config), args ...string) *daemon 
 	h.start()
 	var once sync.Once
 	var stopErr error
+	var stoppedByTest atomic.Bool // then the test judged what stop returned
 	stop := func() error {
 		once.Do(func() {
 			stopErr = shutdown(srv.Config, h)
@@ -102,14 +108,17 @@ func startDaemonWith(t testing.TB, tweak func(*config), args ...string) *daemon 
 		return stopErr
 	}
 	t.Cleanup(func() {
-		if err := stop(); err != nil {
+		if err := stop(); err != nil && !stoppedByTest.Load() {
 			t.Errorf("daemon did not stop: %v", err)
 		}
 		if t.Failed() {
 			t.Logf("daemon log:\n%s", logs)
 		}
 	})
-	return &daemon{t: t, hub: h, url: srv.URL, logs: logs, stop: stop}
+	return &daemon{t: t, hub: h, url: srv.URL, logs: logs, stop: func() error {
+		stoppedByTest.Store(true)
+		return stop()
+	}}
 }
 
 // syncBuffer is a log destination that tests can read while the daemon writes.
@@ -641,21 +650,28 @@ func TestUnknownRoutesAndMethodsAnswerJSON(t *testing.T) {
 		method, path string
 		status       int
 		allow        string
+		message      string // part of it, when it matters
 	}{
-		{"GET", "/nowhere", 404, ""},
-		{"GET", "/channel/a/b/c", 404, ""},
-		{"POST", "/channel", 405, "GET, HEAD"},
-		{"DELETE", "/channel/prepare", 405, "POST"},
-		{"GET", "/channel/prepare", 405, "POST"},
-		{"PUT", "/channel/publish/" + ch.PublisherToken, 405, "DELETE, POST"},
-		{"GET", "/channel/publish/" + ch.PublisherToken, 405, "DELETE, POST"},
-		{"POST", "/channel/edit/" + ch.PublisherToken, 405, "PATCH"},
-		{"POST", "/channel/subscribe/" + ch.SubscriberToken, 405, "GET, HEAD"},
+		{"GET", "/nowhere", 404, "", ""},
+		{"GET", "/channel/a/b/c", 404, "", ""},
+		// Paths are exact: net/http's mux would redirect to the cleaned
+		// path with an HTML body, which clients of an API do not follow.
+		{"GET", "//channel", 404, "", "no such route: GET //channel (paths are exact: did you mean /channel?)"},
+		{"POST", "/channel/./publish/" + ch.PublisherToken, 404, "", "(paths are exact: did you mean /channel/publish/" + ch.PublisherToken + "?)"},
+		{"GET", "/channel/../channel?search=x", 404, "", "did you mean /channel?search=x?"},
+		{"POST", "/channel", 405, "GET, HEAD", ""},
+		{"DELETE", "/channel/prepare", 405, "POST", ""},
+		{"GET", "/channel/prepare", 405, "POST", ""},
+		{"PUT", "/channel/publish/" + ch.PublisherToken, 405, "DELETE, POST", ""},
+		{"GET", "/channel/publish/" + ch.PublisherToken, 405, "DELETE, POST", ""},
+		{"POST", "/channel/edit/" + ch.PublisherToken, 405, "PATCH", ""},
+		{"POST", "/channel/subscribe/" + ch.SubscriberToken, 405, "GET, HEAD", ""},
 	}
 	for _, tc := range tests {
 		t.Run(tc.method+" "+tc.path, func(t *testing.T) {
 			d := d.in(t)
-			status, header, body := d.call(tc.method, tc.path, "")
+			noRedirects := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+			status, header, body := d.request(noRedirects, tc.method, tc.path, "", func(*http.Request) {})
 			if status != tc.status {
 				t.Errorf("status %d, want %d", status, tc.status)
 			}
@@ -668,6 +684,9 @@ func TestUnknownRoutesAndMethodsAnswerJSON(t *testing.T) {
 			var r struct{ Type, Message string }
 			if err := json.Unmarshal([]byte(body), &r); err != nil || r.Type != "ERR" || r.Message == "" {
 				t.Errorf("body %s is not a JSON error (%v)", body, err)
+			}
+			if !strings.Contains(r.Message, tc.message) {
+				t.Errorf("message %q, want it to contain %q", r.Message, tc.message)
 			}
 		})
 	}
@@ -1056,24 +1075,32 @@ func TestTokensAreRandomAndDistinct(t *testing.T) {
 func TestFlagsOutOfRangeAreRefused(t *testing.T) {
 	tests := []struct {
 		args []string
+		env  map[string]string
 		want string
 	}{
-		{[]string{"-port", "70000"}, "-port 70000 is out of range"},
-		{[]string{"-port", "-1"}, "-port -1 is out of range"},
-		{[]string{"-port", "http"}, `invalid value "http" for flag -port`},
-		{[]string{"-log-level", "0"}, "-log-level 0 is out of range"},
-		{[]string{"-log-level", "4"}, "-log-level 4 is out of range"},
-		{[]string{"-ping-interval", "0"}, "-ping-interval 0 is out of range"},
-		{[]string{"-ping-interval", "86401"}, "-ping-interval 86401 is out of range"},
-		{[]string{"-ping-interval", "1.5"}, `invalid value "1.5" for flag -ping-interval`},
-		{[]string{"-host-name", " "}, "-host-name must not be empty"},
-		{[]string{"-no-such-flag"}, "flag provided but not defined: -no-such-flag"},
-		{[]string{"extra"}, `unexpected argument "extra"`},
+		{[]string{"-port", "70000"}, nil, "-port 70000 is out of range"},
+		{[]string{"-port", "-1"}, nil, "-port -1 is out of range"},
+		{[]string{"-port", "http"}, nil, `invalid value "http" for flag -port`},
+		{[]string{"-log-level", "0"}, nil, "-log-level 0 is out of range"},
+		{[]string{"-log-level", "4"}, nil, "-log-level 4 is out of range"},
+		{[]string{"-ping-interval", "0"}, nil, "-ping-interval 0 is out of range"},
+		{[]string{"-ping-interval", "86401"}, nil, "-ping-interval 86401 is out of range"},
+		{[]string{"-ping-interval", "1.5"}, nil, `invalid value "1.5" for flag -ping-interval`},
+		{[]string{"-host-name", " "}, nil, "-host-name must not be empty"},
+		{[]string{"-no-such-flag"}, nil, "flag provided but not defined: -no-such-flag"},
+		{[]string{"extra"}, nil, `unexpected argument "extra"`},
+		// A client's token is read trimmed: one with white space around it
+		// could never be presented.
+		{[]string{"-bind", "127.0.0.1", "-port", "0", "-admin-token", "abc "}, nil, "-admin-token must not begin or end with white space"},
+		{[]string{"-bind", "127.0.0.1", "-port", "0"}, map[string]string{"GOCKETS_ADMIN_TOKEN": "abc\n"}, "GOCKETS_ADMIN_TOKEN must not begin or end with white space"},
 	}
 	for _, tc := range tests {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			var stdout, stderr bytes.Buffer
-			err := run(context.Background(), tc.args, func(string) string { return "" }, &stdout, &stderr)
+			// Cancelled: a daemon wrongly started stops at once.
+			ctx, cancel := context.WithCancel(context.Background())
+			cancel()
+			err := run(ctx, tc.args, func(name string) string { return tc.env[name] }, &stdout, &stderr)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("run(%q) = %v, want an error containing %q", tc.args, err, tc.want)
 			}
@@ -1246,7 +1273,11 @@ func TestBadInputIsRefusedAndChangesNothing(t *testing.T) {
 		{"not an object", `"just a string"`, "body is not a valid JSON object: json: cannot unmarshal string"},
 		{"a non-empty array", `[1]`, "body is not a valid JSON object: json: cannot unmarshal array"},
 		{"two objects", `{} {}`, "body is not a valid JSON object: data after the JSON value"},
+		{"brackets after the object", `{"tag": "x"}]]]`, "body is not a valid JSON object: data after the JSON value"},
+		{"braces after the object", `{"tag": "x"}}}`, "body is not a valid JSON object: data after the JSON value"},
 		{"unknown field", `{"hook": "http://x"}`, `body is not a valid JSON object: json: unknown field "hook"`},
+		{"field name in capitals", `{"TAG": "x"}`, `body is not a valid JSON object: json: unknown field "TAG"`},
+		{"field name in another case", `{"Subscriber_Message_Hook_Url": "http://x"}`, `json: unknown field "Subscriber_Message_Hook_Url"`},
 		{"hook of the wrong type", `{"subscriber_message_hook_url": 5}`, "subscriber_message_hook_url must be a string or null"},
 		{"tag of the wrong type", `{"tag": ["a"]}`, "tag must be a string or null"},
 		{"file scheme", `{"subscriber_message_hook_url": "file:///etc/passwd"}`, `scheme "file" is not allowed, use http or https`},
@@ -1335,15 +1366,23 @@ func TestBodiesAreLimited(t *testing.T) {
 // ---- Frames from subscribers ----
 
 func TestSubscriberFramesAreCheckedAndReassembled(t *testing.T) {
-	const limit = 4096
+	const limit = 5*payloadChunk + 3 // read in growing pieces
 	hook := startHook(t, nil)
 	d := startDaemon(t, "-max-message-bytes", fmt.Sprint(limit))
 	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
 
 	c := d.dial(ch.SubscriberToken)
-	c.send(true, websocket.BinaryFrame, make([]byte, limit))
-	if r := recv(t, hook.requests, "largest frame"); len(r.body) != limit {
-		t.Errorf("hook got %d bytes, want %d", len(r.body), limit)
+	largest := make([]byte, limit)
+	rand.Read(largest)
+	c.send(true, websocket.BinaryFrame, largest)
+	if r := recv(t, hook.requests, "largest frame"); r.body != string(largest) {
+		t.Errorf("hook got %d bytes, not the %d sent", len(r.body), limit)
+	}
+	c.send(false, websocket.BinaryFrame, largest[:10])
+	c.send(false, websocket.ContinuationFrame, largest[10:payloadChunk+1])
+	c.send(true, websocket.ContinuationFrame, largest[payloadChunk+1:])
+	if r := recv(t, hook.requests, "largest message in fragments"); r.body != string(largest) {
+		t.Errorf("hook got %d bytes, not the %d sent", len(r.body), limit)
 	}
 	c.send(false, websocket.TextFrame, []byte("frag"))
 	c.send(true, websocket.PingFrame, []byte("between fragments"))
@@ -1374,6 +1413,13 @@ func TestSubscriberFramesAreCheckedAndReassembled(t *testing.T) {
 		{"fragmented ping", func(c *wsClient) { c.send(false, websocket.PingFrame, []byte("x")) }, closeProtocolError},
 		{"unmasked close", func(c *wsClient) { c.sendFrame(true, websocket.CloseFrame, closePayload(closeNormal), false) }, closeProtocolError},
 		{"one-byte close", func(c *wsClient) { c.send(true, websocket.CloseFrame, []byte{3}) }, closeProtocolError},
+		{"close reason not UTF-8", func(c *wsClient) {
+			c.send(true, websocket.CloseFrame, append(closePayload(closeNormal), "bye \xff"...))
+		}, closeInvalidData},
+		{"64-bit length with its top bit set", func(c *wsClient) {
+			// 2^63 + 5 bytes, which RFC 6455 forbids; x/net would read 5.
+			c.conn.Write([]byte{0x82, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 5, 1, 2, 3, 4, 'h', 'e', 'l', 'l', 'o'})
+		}, closeProtocolError},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1386,6 +1432,77 @@ func TestSubscriberFramesAreCheckedAndReassembled(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestFrameHeadersCostOnlyWhatArrives opens connections that each send a
+// frame header declaring a message of the largest size allowed, and then
+// nothing: what they cost must grow with the bytes that came, not with what
+// the headers declared. The bound is the issue's: 4,000 such connections
+// under 100 MB in all, about 25 KB each, this test's clients included. It
+// measures after every batch, so that a reader that believes the header
+// fails early instead of taking gigabytes.
+func TestFrameHeadersCostOnlyWhatArrives(t *testing.T) {
+	const perConnection = 100e6 / 4000
+	for _, tc := range []struct {
+		limit        int64
+		conns, batch int
+	}{
+		{1 << 20, 4000, 500},
+		{64 << 20, 200, 10}, // -max-message-bytes at its largest
+	} {
+		t.Run(fmt.Sprint(tc.limit), func(t *testing.T) {
+			d := startDaemon(t, "-max-message-bytes", fmt.Sprint(tc.limit), "-log-level", "2")
+			ch := d.prepare("")
+			u, _ := url.Parse(d.wsURL(ch.SubscriberToken))
+			// A ping, answered once the reader has reached the frame after
+			// it, then the header of a frame of limit bytes: 14 bytes.
+			header := []byte{0x89, 0x80, 1, 2, 3, 4, 0x82, 0xff}
+			header = binary.BigEndian.AppendUint64(header, uint64(tc.limit))
+			header = append(header, 1, 2, 3, 4)
+			conns := make([]net.Conn, 0, tc.conns)
+			defer func() {
+				for _, c := range conns {
+					c.Close()
+				}
+			}()
+			base, cost := liveBytes(), int64(0)
+			for len(conns) < tc.conns {
+				for range tc.batch {
+					conn, err := net.Dial("tcp", u.Host)
+					if err != nil {
+						t.Fatal(err)
+					}
+					conns = append(conns, conn)
+					if c, resp := handshake(t, conn, u, nil); c == nil {
+						t.Fatalf("subscribe: %s", resp.Status)
+					}
+					if _, err := conn.Write(header); err != nil {
+						t.Fatal(err)
+					}
+				}
+				for _, conn := range conns[len(conns)-tc.batch:] {
+					var pong [2]byte
+					if _, err := io.ReadFull(conn, pong[:]); err != nil || pong != [2]byte{0x8a, 0} {
+						t.Fatalf("pong: % x %v", pong, err)
+					}
+				}
+				cost = int64(liveBytes()) - int64(base)
+				if cost > perConnection*int64(len(conns)) {
+					t.Fatalf("%d connections cost %d MB, more than %d B each", len(conns), cost/1e6, int64(perConnection))
+				}
+			}
+			t.Logf("%d connections declaring %d bytes each: %d KB in all, %d B each", len(conns), tc.limit, cost/1000, cost/int64(len(conns)))
+		})
+	}
+}
+
+// liveBytes is the heap in use after a collection, with the goroutine
+// stacks: what the process holds, by the Go runtime's count.
+func liveBytes() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc + ms.StackInuse
 }
 
 // ---- Limits and timeouts ----
@@ -1553,7 +1670,7 @@ func TestHookFailsHangsAndRecovers(t *testing.T) {
 		if sec, err := strconv.ParseInt(ts, 10, 64); err != nil || time.Since(time.Unix(sec, 0)).Abs() > time.Minute {
 			t.Errorf("X-Gockets-Timestamp %q", ts)
 		}
-		if got, want := r.header.Get("X-Gockets-Signature"), "sha256="+sign("s3cret", ts, ch.SubscriberToken, []byte(r.body)); got != want {
+		if got, want := r.header.Get("X-Gockets-Signature"), "sha256="+hmacHex("s3cret", ts+"\n"+ch.SubscriberToken+"\n\n"+r.header.Get("X-Gockets-Delivery-Id")+"\ntext/plain; charset=utf-8\n"+r.body); got != want {
 			t.Errorf("X-Gockets-Signature %q, want %q", got, want)
 		}
 		if id := r.header.Get("X-Gockets-Delivery-Id"); !strings.HasSuffix(id, fmt.Sprintf(".1.%d", i+1)) || deliveryIDs[id] {
@@ -1565,6 +1682,89 @@ func TestHookFailsHangsAndRecovers(t *testing.T) {
 	waitFor(t, "the last delivery to be counted", func() bool { return st.hookDelivered.Load() == 5 })
 	if st.hookDelivered.Load() != 5 || st.hookRetried.Load() != 3 || st.hookFailed.Load() != 0 {
 		t.Errorf("delivered %d, retried %d, failed %d; want 5, 3, 0", st.hookDelivered.Load(), st.hookRetried.Load(), st.hookFailed.Load())
+	}
+}
+
+// hmacHex is the hex HMAC-SHA256 of data under secret.
+func hmacHex(secret, data string) string {
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write([]byte(data))
+	return hex.EncodeToString(mac.Sum(nil))
+}
+
+// readmePHPHook is the PHP verification in the README's Hooks section.
+func readmePHPHook(t *testing.T) string {
+	t.Helper()
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, hooks, ok := strings.Cut(string(readme), "\n## Hooks\n")
+	hooks, _, _ = strings.Cut(hooks, "\n## ")
+	_, code, found := strings.Cut(hooks, "```php\n")
+	code, _, closed := strings.Cut(code, "```")
+	if !ok || !found || !closed {
+		t.Fatal("README.md has no php code block in its Hooks section")
+	}
+	return code
+}
+
+// TestPHPVerifiesTheREADMEsSignature runs the README's PHP hook with
+// php-cli's server against requests the daemon signed, as they came and
+// with one part changed.
+func TestPHPVerifiesTheREADMEsSignature(t *testing.T) {
+	php := lookPHP(t)
+	const secret = "php-s3cret"
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "hook.php"), []byte(readmePHPHook(t)), 0o600)
+	phpURL, _ := startPHPServerIn(t, php, []string{"GOCKETS_HOOK_SECRET=" + secret}, dir)
+	verify := func(r hookRequest, change func(http.Header, *string)) int {
+		t.Helper()
+		header, body := r.header.Clone(), r.body
+		change(header, &body)
+		req, _ := http.NewRequest("POST", phpURL+"/hook.php", strings.NewReader(body))
+		for _, name := range []string{"Content-Type", "X-Gockets-Channel", "X-Gockets-Delivery-Id", "X-Gockets-Event", "X-Gockets-Timestamp", "X-Gockets-Signature"} {
+			if v := header.Get(name); v != "" {
+				req.Header.Set(name, v)
+			}
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("POST to the PHP hook: %v", err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+
+	hook := startHook(t, nil)
+	d := startDaemon(t, "-hook-secret", secret, "-hook-events")
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
+	c := d.dial(ch.SubscriberToken)
+	c.send(true, websocket.TextFrame, []byte(`{"event":"connect","channel":"`+ch.SubscriberToken+`"}`))
+	c.send(true, websocket.BinaryFrame, []byte{0, 1, 2})
+	connect, message, binaryMessage := recv(t, hook.requests, "connect event"), recv(t, hook.requests, "message"), recv(t, hook.requests, "binary message")
+	for _, r := range []hookRequest{connect, message, binaryMessage} {
+		if got := verify(r, func(http.Header, *string) {}); got != 200 {
+			t.Errorf("the PHP hook answered %d to a request the daemon signed (%s), want 200", got, r.header)
+		}
+	}
+	for _, tc := range []struct {
+		name   string
+		r      hookRequest
+		change func(http.Header, *string)
+	}{
+		{"a message as a presence event", message, func(h http.Header, _ *string) { h.Set("X-Gockets-Event", "connect") }},
+		{"a presence event as a message", connect, func(h http.Header, _ *string) { h.Del("X-Gockets-Event") }},
+		{"another delivery id", message, func(h http.Header, _ *string) { h.Set("X-Gockets-Delivery-Id", h.Get("X-Gockets-Delivery-Id")+"0") }},
+		{"another body", message, func(_ http.Header, body *string) { *body += " " }},
+		{"another channel", message, func(h http.Header, _ *string) { h.Set("X-Gockets-Channel", ch.PublisherToken) }},
+		{"binary as text", binaryMessage, func(h http.Header, _ *string) { h.Set("Content-Type", "text/plain; charset=utf-8") }},
+		{"another timestamp", message, func(h http.Header, _ *string) { h.Set("X-Gockets-Timestamp", h.Get("X-Gockets-Timestamp")+"0") }},
+		{"no signature", message, func(h http.Header, _ *string) { h.Del("X-Gockets-Signature") }},
+	} {
+		if got := verify(tc.r, tc.change); got != 401 {
+			t.Errorf("%s: the PHP hook answered %d, want 401", tc.name, got)
+		}
 	}
 }
 
@@ -1645,6 +1845,158 @@ func TestHookQueueIsBounded(t *testing.T) {
 		if r := recv(t, hook.requests, "queued frame"); r.body != strconv.Itoa(i) {
 			t.Fatalf("frame %d reached the hook as %q", i, r.body)
 		}
+	}
+}
+
+// TestHookOrderHoldsPerConnectionWithFewWorkers: more subscribers than
+// workers send at once; each one's messages reach the hook in order, and
+// no more than hookPostsPerHost POSTs reach one host at a time.
+func TestHookOrderHoldsPerConnectionWithFewWorkers(t *testing.T) {
+	const subscribers, frames = 2 * hookPosts, 20
+	var mu sync.Mutex
+	var now, most int
+	got := map[string][]string{} // by subscriber, from the delivery id
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		now++
+		most = max(most, now)
+		mu.Unlock()
+		body, _ := io.ReadAll(r.Body)
+		time.Sleep(time.Millisecond) // long enough for POSTs to overlap
+		parts := strings.Split(r.Header.Get("X-Gockets-Delivery-Id"), ".")
+		mu.Lock()
+		now--
+		got[parts[1]] = append(got[parts[1]], string(body))
+		mu.Unlock()
+	}))
+	t.Cleanup(hook.Close)
+	d := startDaemon(t)
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.URL))
+	clients := make([]*wsClient, subscribers)
+	for i := range clients {
+		clients[i] = d.dial(ch.SubscriberToken)
+	}
+	var wg sync.WaitGroup
+	for _, c := range clients {
+		wg.Go(func() {
+			for i := range frames {
+				c.send(true, websocket.TextFrame, []byte(strconv.Itoa(i)))
+			}
+		})
+	}
+	wg.Wait()
+	waitFor(t, "every message to reach the hook", func() bool { return d.hub.stats.hookDelivered.Load() == subscribers*frames })
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != subscribers {
+		t.Errorf("messages from %d subscribers, want %d", len(got), subscribers)
+	}
+	for sub, bodies := range got {
+		for i, b := range bodies {
+			if b != strconv.Itoa(i) {
+				t.Fatalf("subscriber %s: message %d reached the hook as %q: out of order", sub, i, b)
+			}
+		}
+	}
+	if most > hookPostsPerHost {
+		t.Errorf("%d POSTs to one host at once, more than %d", most, hookPostsPerHost)
+	}
+	t.Logf("%d subscribers, %d messages each: at most %d POSTs at once", subscribers, frames, most)
+}
+
+// TestHookWorkIsBoundedForTheWholeDaemon is the attack of a client with one
+// subscriber token against a hook that hangs: many connections, each
+// sending 4 MB and closing, then fast connect-and-close cycles making
+// presence events. The daemon, a child process with 1,024 open files,
+// must keep its heap, goroutines and open files within the hook limits.
+func TestHookWorkIsBoundedForTheWholeDaemon(t *testing.T) {
+	hang := make(chan struct{})
+	hookSrv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select { // hangs until the daemon gives up, or the test ends
+		case <-r.Context().Done():
+		case <-hang:
+		}
+	}))
+	t.Cleanup(hookSrv.Close)
+	p := startProcessWith(t, 1024, "-hook-events", "-log-level", "1")
+	t.Cleanup(func() { close(hang) })
+	ch := p.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hookSrv.URL))
+	measure := func(when string) (goroutines, heap int64, files int) {
+		m := scrape(t, p.daemon)
+		goroutines, heap, files = m["go_goroutines"], m["go_memstats_heap_alloc_bytes"], p.openFiles()
+		t.Logf("%s: %d goroutines, heap %d MiB, %d open files; hook queue %d messages, %d MiB, %d POSTs under way",
+			when, goroutines, heap>>20, files, m["gockets_hook_queued"], m["gockets_hook_queued_bytes"]>>20, m["gockets_hook_posts_in_flight"])
+		return
+	}
+	g0, heap0, files0 := measure("at start")
+	within := func(when string) {
+		t.Helper()
+		g, heap, files := measure(when)
+		// A hook host holds hookPostsPerHost workers, each with a
+		// connection (two transport goroutines, one file).
+		if limit := g0 + 3*hookPostsPerHost + 10; g > limit {
+			t.Errorf("%s: %d goroutines, more than %d", when, g, limit)
+		}
+		// What waits for hooks, and the garbage of what was dropped: the
+		// collector lets the heap grow to twice what is live.
+		if limit := heap0 + 2*hookTotalBytes + 16<<20; heap > limit {
+			t.Errorf("%s: heap %d MiB, more than %d MiB", when, heap>>20, limit>>20)
+		}
+		if limit := files0 + hookPostsPerHost + 8; files > limit {
+			t.Errorf("%s: %d open files, more than %d", when, files, limit)
+		}
+		if status, _, body := p.call("GET", "/healthz", ""); status != 200 {
+			t.Errorf("%s: /healthz answered %d %s", when, status, body)
+		}
+	}
+
+	// A 64 KiB text frame, masked with a zero key so that it is built once.
+	frame := binary.BigEndian.AppendUint64([]byte{0x80 | websocket.TextFrame, 0x80 | 127}, 64<<10)
+	frame = append(append(frame, 0, 0, 0, 0), bytes.Repeat([]byte("x"), 64<<10)...)
+	// 24 subscribers send more than the daemon-wide limit; GOCKETS_SOAK
+	// runs the 100 of the issue that found the problem (25 s with -race).
+	cycles := 24
+	if os.Getenv("GOCKETS_SOAK") != "" {
+		cycles = 100
+	}
+	start := time.Now()
+	for range cycles { // connect, send 4 MB, close
+		c := p.dial(ch.SubscriberToken)
+		for range 64 {
+			if _, err := c.conn.Write(frame); err != nil {
+				t.Fatal(err)
+			}
+		}
+		c.send(true, websocket.CloseFrame, closePayload(closeNormal))
+		c.expectClose(closeNormal)
+		c.conn.Close()
+	}
+	within(fmt.Sprintf("after %d subscribers sent 4 MB each (%v)", cycles, time.Since(start).Round(time.Millisecond)))
+	start = time.Now()
+	m := scrape(t, p.daemon)
+	if m[`gockets_hook_dropped_total{reason="total_queue_full"}`] == 0 || m["gockets_hook_queued_bytes"] > hookTotalBytes {
+		t.Errorf("nothing dropped for the daemon-wide limit, or over it: %d dropped, %d bytes queued",
+			m[`gockets_hook_dropped_total{reason="total_queue_full"}`], m["gockets_hook_queued_bytes"])
+	}
+	if n := strings.Count(p.logs.String(), "hook queues of all subscribers full"); n != 1 {
+		t.Errorf("the daemon-wide drops were logged %d times, want once", n)
+	}
+
+	u, _ := url.Parse(p.wsURL(ch.SubscriberToken))
+	for range 1500 { // connect and close: two presence events each
+		conn, err := net.Dial("tcp", u.Host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c, resp := handshake(t, conn, u, nil); c == nil {
+			t.Fatalf("subscribe: %s", resp.Status)
+		}
+		conn.Close()
+	}
+	waitFor(t, "every subscriber to be gone", func() bool { return p.listeners(ch.PublisherToken) == 0 })
+	within(fmt.Sprintf("after 1,500 connect-and-close cycles (%v)", time.Since(start).Round(time.Millisecond)))
+	if m := scrape(t, p.daemon); m["gockets_hook_queued"] > hookTotalLimit || m["gockets_hook_posts_in_flight"] > hookPostsPerHost {
+		t.Errorf("hook work over its limits: %d queued, %d POSTs under way", m["gockets_hook_queued"], m["gockets_hook_posts_in_flight"])
 	}
 }
 
@@ -1747,6 +2099,70 @@ func TestChannelTTLIsOffByDefault(t *testing.T) {
 	}
 }
 
+// TestSubscribersAreLimitedAndTheAdminSideKeepsAnswering fills a daemon
+// limited to 256 open files with subscribers: beyond its limits they are
+// refused with 503, and the admin API and /healthz go on answering.
+func TestSubscribersAreLimitedAndTheAdminSideKeepsAnswering(t *testing.T) {
+	p := startProcessWith(t, 256, "-max-subscribers-per-channel", "100", "-log-level", "1")
+	m := scrape(t, p.daemon)
+	total, perChannel := m[`gockets_subscribers_limit{per="daemon"}`], m[`gockets_subscribers_limit{per="channel"}`]
+	if total != 128 || perChannel != 100 {
+		t.Fatalf("limits %d in all and %d per channel, want 128 (half of 256 files) and 100", total, perChannel)
+	}
+	a, b := p.prepare(""), p.prepare("")
+	// fill subscribes until one is refused and returns the refusal.
+	fill := func(ch channelJSON, clients *[]*wsClient) *http.Response {
+		for range 300 {
+			c, resp := dialWS(t, p.wsURL(ch.SubscriberToken), nil)
+			if c == nil {
+				return resp
+			}
+			*clients = append(*clients, c)
+		}
+		t.Fatal("300 subscribers and none refused")
+		return nil
+	}
+	refused := func(resp *http.Response, want string) {
+		t.Helper()
+		body, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != 503 || resp.Header.Get("Content-Type") != "application/json" || string(body) != `{"type":"ERR","message":"`+want+`"}`+"\n" {
+			t.Errorf("refused subscriber: %s %q %s, want 503 JSON %q", resp.Status, resp.Header.Get("Content-Type"), body, want)
+		}
+	}
+	var onA, onB []*wsClient
+	refused(fill(a, &onA), "too many subscribers: this channel has its most, 100 (-max-subscribers-per-channel)")
+	refused(fill(b, &onB), "too many subscribers: the daemon has its most, 128 (-max-subscribers)")
+	if len(onA) != 100 || len(onB) != 28 {
+		t.Errorf("%d and %d subscribers connected, want 100 and 28", len(onA), len(onB))
+	}
+
+	start := time.Now()
+	if status, _, body := p.call("GET", "/healthz", ""); status != 200 {
+		t.Errorf("/healthz with every subscriber slot taken: %d %s", status, body)
+	}
+	p.prepare(`{"tag": "still answered"}`)
+	if r := p.publish(a.PublisherToken, "to all"); r.Subscribers != 100 {
+		t.Errorf("publish reached %d subscribers, want 100", r.Subscribers)
+	}
+	t.Logf("with 128 subscribers on a daemon of 256 files, /healthz, prepare and publish answered in %v", time.Since(start))
+	for _, c := range onA {
+		c.expectText("to all")
+	}
+	m = scrape(t, p.daemon)
+	if m[`gockets_subscribers_refused_total{reason="channel_full"}`] != 1 || m[`gockets_subscribers_refused_total{reason="daemon_full"}`] != 1 {
+		t.Errorf("refusals counted %d (channel full) and %d (daemon full), want 1 and 1",
+			m[`gockets_subscribers_refused_total{reason="channel_full"}`], m[`gockets_subscribers_refused_total{reason="daemon_full"}`])
+	}
+
+	// A subscriber that leaves gives its place back.
+	onB[0].send(true, websocket.CloseFrame, closePayload(closeNormal))
+	onB[0].expectClose(closeNormal)
+	waitFor(t, "the place to be given back", func() bool {
+		c, _ := dialWS(t, p.wsURL(b.SubscriberToken), nil)
+		return c != nil
+	})
+}
+
 // ---- Channels survive restarts ----
 
 // process is the real daemon in a child process (see TestMain).
@@ -1759,7 +2175,18 @@ type process struct {
 
 func startProcess(t *testing.T, args ...string) *process {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], append([]string{"-bind", "127.0.0.1", "-port", "0", "-log-level", "3"}, args...)...)
+	return startProcessWith(t, 0, args...)
+}
+
+// startProcessWith starts the daemon with an open-files limit (soft and
+// hard) of openFiles, unless it is 0.
+func startProcessWith(t *testing.T, openFiles int, args ...string) *process {
+	t.Helper()
+	args = append([]string{"-bind", "127.0.0.1", "-port", "0", "-log-level", "3"}, args...)
+	cmd := exec.Command(os.Args[0], args...)
+	if openFiles > 0 {
+		cmd = exec.Command("sh", append([]string{"-c", fmt.Sprintf(`ulimit -n %d && exec "$0" "$@"`, openFiles), os.Args[0]}, args...)...)
+	}
 	// atexit_sleep_ms: under -race, do not linger a second after exiting.
 	cmd.Env = append(os.Environ(), "GOCKETS_TEST_RUN_MAIN=1", "GORACE=atexit_sleep_ms=0")
 	logs := &addrWatcher{addr: make(chan string, 1)}
@@ -1792,6 +2219,16 @@ func startProcess(t *testing.T, args ...string) *process {
 	return p
 }
 
+// openFiles counts the file descriptors the process has open.
+func (p *process) openFiles() int {
+	p.t.Helper()
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p.cmd.Process.Pid))
+	if err != nil {
+		p.t.Fatalf("count open files: %v", err)
+	}
+	return len(fds)
+}
+
 // signal sends sig and returns how the process ended.
 func (p *process) signal(sig os.Signal) error {
 	p.t.Helper()
@@ -1800,6 +2237,12 @@ func (p *process) signal(sig os.Signal) error {
 	}
 	recv(p.t, p.exited, "the daemon to exit")
 	return p.err
+}
+
+// savedChannels reads the channels a restart would find in state.
+func savedChannels(state string) ([]storedChannel, error) {
+	loaded, err := loadState(state, slog.New(slog.DiscardHandler))
+	return loaded.channels, err
 }
 
 func TestChannelsSurviveKill9(t *testing.T) {
@@ -1930,6 +2373,7 @@ func TestDiskFullWhenSavingState(t *testing.T) {
 	}, "-state-file", state)
 	kept := d.prepare(`{"tag": "before"}`)
 	before, _ := os.ReadFile(state + ".journal")
+	snapshotBefore, _ := os.ReadFile(state)
 
 	full.Store(true)
 	var got struct{ Type, Message string }
@@ -1937,7 +2381,7 @@ func TestDiskFullWhenSavingState(t *testing.T) {
 	if got.Type != "ERR" || !strings.Contains(got.Message, "no space left on device") {
 		t.Errorf("prepare on a full disk: %+v", got)
 	}
-	if data, _ := os.ReadFile(state); !strings.Contains(string(data), `"channels": []`) {
+	if data, _ := os.ReadFile(state); !bytes.Equal(data, snapshotBefore) {
 		t.Errorf("the snapshot changed: %s", data)
 	}
 	if after, _ := os.ReadFile(state + ".journal"); !bytes.HasPrefix(after, before) {
@@ -1951,9 +2395,104 @@ func TestDiskFullWhenSavingState(t *testing.T) {
 	seq := d.hub.store.lastSeq()
 	// wait answers the last failure at once until a retry succeeds.
 	waitFor(t, "the retry to save", func() bool { return d.hub.store.wait(context.Background(), seq) == nil })
-	channels, _, err := loadState(state, d.hub.log)
+	channels, err := savedChannels(state)
 	if err != nil || len(channels) != 2 || channels[0].PublisherToken != kept.PublisherToken || *channels[1].Tag != "during" {
 		t.Errorf("after the disk recovered: %+v, %v", channels, err)
+	}
+}
+
+// fullDisk is a state store's writeSynced that fails, as on a full disk,
+// while full is set, counting its attempts.
+type fullDisk struct {
+	full     atomic.Bool
+	attempts atomic.Int64
+}
+
+func (d *fullDisk) writeSynced(f *os.File, data []byte) error {
+	if !d.full.Load() {
+		return writeSynced(f, data)
+	}
+	d.attempts.Add(1)
+	f.Write(data[:len(data)/2]) // what a full disk leaves behind
+	return fmt.Errorf("write %s: %w", f.Name(), syscall.ENOSPC)
+}
+
+func TestFullDiskIsRetriedByOneWriterAndLoggedOnce(t *testing.T) {
+	disk := &fullDisk{}
+	state := filepath.Join(t.TempDir(), "state.json")
+	d := startDaemonWith(t, func(c *config) { c.writeSynced = disk.writeSynced }, "-state-file", state)
+	disk.full.Store(true)
+	var wg sync.WaitGroup
+	for i := range 10 {
+		wg.Go(func() {
+			var got struct{ Type, Message string }
+			d.mustCall("POST", "/channel/prepare", fmt.Sprintf(`{"tag": "burst %d"}`, i), 503, &got)
+			if !strings.Contains(got.Message, "no space left on device") {
+				t.Errorf("prepare on a full disk: %+v", got)
+			}
+		})
+	}
+	wg.Wait()
+	if n := disk.attempts.Load(); n != 1 {
+		t.Errorf("10 changes on a full disk made %d attempts to write, want 1 (the retry comes after a pause)", n)
+	}
+	if n := strings.Count(d.logs.String(), "state not saved"); n != 1 {
+		t.Errorf("the full disk was logged %d times, want once:\n%s", n, d.logs)
+	}
+	disk.full.Store(false)
+	seq := d.hub.store.lastSeq()
+	waitFor(t, "the retry to save", func() bool { return d.hub.store.wait(context.Background(), seq) == nil })
+	if n := strings.Count(d.logs.String(), `msg="state saved again"`); n != 1 {
+		t.Errorf("recovery logged %d times, want once:\n%s", n, d.logs)
+	}
+	if channels, err := savedChannels(state); err != nil || len(channels) != 10 {
+		t.Errorf("after the disk recovered, the state holds %d channels (%v), want 10", len(channels), err)
+	}
+}
+
+func TestRestartOnAFullDiskServesWhatItRead(t *testing.T) {
+	dir := t.TempDir()
+	state := filepath.Join(dir, "state.json")
+	// What kill -9 during a rewrite on a full disk leaves: a snapshot, a
+	// journal ending in a torn line, and temporary snapshots full of tokens.
+	os.WriteFile(state, []byte(`{"version": 1, "seq": 1, "channels": [{"publisher_token": "PA", "subscriber_token": "SA", "subscriber_message_hook_url": null, "tag": "a"}]}`), 0o600)
+	os.WriteFile(state+".journal", []byte(`{"seq":2,"channel":{"publisher_token":"PB","subscriber_token":"SB","subscriber_message_hook_url":null,"tag":"b"}}`+"\n"+`{"seq":3,"chan`), 0o600)
+	leftovers := []string{"state.json.tmp1234567", "state.json.tmp98"}
+	kept := []string{"state.json.tmpl", "other.json.tmp123", "state.json.backup"}
+	for _, name := range append(leftovers, kept...) {
+		os.WriteFile(filepath.Join(dir, name), []byte(`{"channels": "tokens"}`), 0o600)
+	}
+
+	disk := &fullDisk{}
+	disk.full.Store(true)
+	d := startDaemonWith(t, func(c *config) { c.writeSynced = disk.writeSynced }, "-state-file", state)
+	for _, name := range leftovers {
+		if _, err := os.Stat(filepath.Join(dir, name)); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("leftover %s not removed: %v", name, err)
+		}
+	}
+	for _, name := range kept {
+		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
+			t.Errorf("%s, not ours, was removed: %v", name, err)
+		}
+	}
+	if got := d.mustCall("GET", "/channel", "", 200, nil); got != `{"channels":[`+
+		`{"publisher_token":"PA","subscriber_token":"SA","subscriber_message_hook_url":null,"tag":"a","listeners":0},`+
+		`{"publisher_token":"PB","subscriber_token":"SB","subscriber_message_hook_url":null,"tag":"b","listeners":0}]}`+"\n" {
+		t.Errorf("after a restart on a full disk: %s", got)
+	}
+	c := d.dial("SB")
+	d.publish("PB", "served")
+	c.expectText("served")
+	d.mustCall("POST", "/channel/prepare", `{"tag": "c"}`, 503, nil)
+
+	disk.full.Store(false)
+	seq := d.hub.store.lastSeq()
+	waitFor(t, "the retry to save", func() bool { return d.hub.store.wait(context.Background(), seq) == nil })
+	d.prepare(`{"tag": "d"}`)
+	channels, err := savedChannels(state) // what a kill -9 now would leave
+	if err != nil || len(channels) != 4 || *channels[2].Tag != "c" || *channels[3].Tag != "d" {
+		t.Errorf("state after the disk recovered: %+v, %v", channels, err)
 	}
 }
 
@@ -1990,7 +2529,7 @@ func TestStateChangesShareWrites(t *testing.T) {
 	if err := d.stop(); err != nil {
 		t.Fatal(err)
 	}
-	saved, _, err := loadState(state, d.hub.log)
+	saved, err := savedChannels(state)
 	if err != nil || len(saved) != channels {
 		t.Errorf("state file holds %d channels (%v), want %d", len(saved), err, channels)
 	}
@@ -2108,12 +2647,9 @@ func FuzzAdminRequests(f *testing.F) {
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, req)
 		switch rec.Code {
-		case 200, 301, 307, 400, 403, 404, 405, 413, 505:
+		case 200, 400, 403, 404, 405, 413, 505:
 		default:
 			t.Errorf("%s %q: status %d", method, target, rec.Code)
-		}
-		if rec.Code/100 == 3 {
-			return // the mux cleaning a path such as /channel/../channel
 		}
 		var v map[string]any
 		if ct := rec.Header().Get("Content-Type"); ct != "application/json" || json.Unmarshal(rec.Body.Bytes(), &v) != nil {
@@ -2793,6 +3329,11 @@ func TestMetricsAreExactAndMove(t *testing.T) {
 		`gockets_hook_requests_total{result="ok"}`, `gockets_hook_requests_total{result="error"}`,
 		`gockets_hook_dropped_total{reason="queue_full"}`, `gockets_hook_dropped_total{reason="no_hook"}`, `gockets_hook_dropped_total{reason="attempts_spent"}`,
 		"gockets_slow_subscriber_disconnects_total", "gockets_state_save_failures_total",
+		`gockets_hook_dropped_total{reason="total_queue_full"}`, "gockets_hook_queued", "gockets_hook_queued_bytes",
+		"gockets_hook_queue_limit", "gockets_hook_queue_limit_bytes", "gockets_hook_posts_in_flight",
+		`gockets_hook_posts_limit{per="daemon"}`, `gockets_hook_posts_limit{per="host"}`,
+		`gockets_subscribers_limit{per="daemon"}`, `gockets_subscribers_limit{per="channel"}`,
+		`gockets_subscribers_refused_total{reason="channel_full"}`, `gockets_subscribers_refused_total{reason="daemon_full"}`,
 		"go_goroutines", "go_memstats_heap_alloc_bytes", `gockets_build_info{version="` + version + `"}`,
 	} {
 		if _, ok := before[want]; !ok {
@@ -3000,6 +3541,115 @@ func TestSubscribeAsksForWebSocketOrSSE(t *testing.T) {
 	status, _, body := d.call("GET", "/channel/subscribe/"+ch.SubscriberToken, "")
 	if status != 400 || body != `{"type":"ERR","message":"expected a WebSocket upgrade, or Accept: text/event-stream"}`+"\n" {
 		t.Errorf("neither: %d %s", status, body)
+	}
+}
+
+// TestSSEHoldsNoCopyOfAMessage publishes a message to 200 event streams:
+// no subscriber may keep a buffer of its size afterwards, nor make a copy
+// of it to send it. 256 KiB, not the issue's 1 MB: under -race on a busy
+// machine, 200 MB through 200 streams can outlast the daemon's 10 s write
+// deadline. With 1 MiB, 200 subscribers kept 222 MB (text) and 280 MB
+// (binary) before, and made 5.2 and 2.8 MB of garbage per delivery.
+func TestSSEHoldsNoCopyOfAMessage(t *testing.T) {
+	const subscribers, size = 200, 256 << 10
+	line := strings.Repeat("x", 8<<10-1) + "\n" // each line is a data line of its own
+	text := strings.Repeat(line, size/len(line))
+	binary := strings.Repeat("\x00\xff", size/2)
+	for _, tc := range []struct {
+		name, contentType, body, event string
+	}{
+		{"text", "text/plain", text, "data: " + strings.ReplaceAll(text, "\n", "\ndata: ") + "\n\n"},
+		{"binary", "application/octet-stream", binary, "event: binary\ndata: " + base64.StdEncoding.EncodeToString([]byte(binary)) + "\n\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := startDaemon(t)
+			ch := d.prepare("")
+			clients := make([]*sseClient, subscribers)
+			for i := range clients {
+				clients[i] = d.sse(ch.SubscriberToken, "")
+			}
+			received := make(chan error, subscribers)
+			bufs := make([][32 << 10]byte, subscribers)
+			base := liveBytes()
+			var before runtime.MemStats
+			runtime.ReadMemStats(&before)
+			d.request(http.DefaultClient, "POST", "/channel/publish/"+ch.PublisherToken, tc.body, func(r *http.Request) {
+				r.Header.Set("Content-Type", tc.contentType)
+			})
+			for i, c := range clients {
+				go func() { received <- c.expectEvent(tc.event, bufs[i][:]) }()
+			}
+			for range clients {
+				if err := recv(t, received, "the event"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var after runtime.MemStats
+			runtime.ReadMemStats(&after)
+			live := int64(liveBytes()) - int64(base)
+			runtime.KeepAlive(bufs) // counted in base
+			perDelivery := (after.TotalAlloc - before.TotalAlloc) / subscribers
+			t.Logf("%s, %d B to %d subscribers: %d KB more live after, %d B allocated per delivery", tc.name, len(tc.body), subscribers, live/1000, perDelivery)
+			if live > 5e6 {
+				t.Errorf("%d MB more live after the publish, want < 5 MB", live/1e6)
+			}
+			if perDelivery > size/4 { // a copy is as big as the message, or bigger
+				t.Errorf("%d KB allocated per delivery, want < %d KB", perDelivery/1000, size/4/1000)
+			}
+		})
+	}
+}
+
+// expectEvent reads the next event, which must be "id: N\n" and then
+// exactly rest, comparing as it reads through buf: it keeps no copy.
+func (c *sseClient) expectEvent(rest string, buf []byte) error {
+	c.conn.SetReadDeadline(time.Now().Add(waitTimeout))
+	id, err := c.br.ReadSlice('\n')
+	if _, badID := strconv.ParseUint(string(bytes.TrimSuffix(bytes.TrimPrefix(id, []byte("id: ")), []byte("\n"))), 10, 64); err != nil || badID != nil {
+		return fmt.Errorf("event begins with %q (%v), want its id", id, err)
+	}
+	for read := 0; read < len(rest); {
+		c.conn.SetReadDeadline(time.Now().Add(waitTimeout)) // for each piece: 200 streams share the CPU
+		n, err := c.br.Read(buf[:min(len(buf), len(rest)-read)])
+		if string(buf[:n]) != rest[read:read+n] {
+			return fmt.Errorf("event differs from byte %d on", read)
+		}
+		read += n
+		if err != nil && read < len(rest) {
+			return fmt.Errorf("event ended at byte %d of %d: %v", read, len(rest), err)
+		}
+	}
+	return nil
+}
+
+// TestHeadIsNoSubscriber asks for an event stream with HEAD: the answer has
+// the stream's headers and no body, so it neither takes the backlog nor
+// counts as a listener.
+func TestHeadIsNoSubscriber(t *testing.T) {
+	d := startDaemon(t)
+	ch := d.prepare("")
+	d.publish(ch.PublisherToken, "kept")
+	// On a connection of its own: a HEAD served as a stream never ends.
+	status, header, body := d.request(&http.Client{Timeout: waitTimeout}, "HEAD", "/channel/subscribe/"+ch.SubscriberToken, "", func(r *http.Request) {
+		r.Header.Set("Accept", "text/event-stream")
+		r.Close = true
+	})
+	if status != 200 || header.Get("Content-Type") != "text/event-stream" || body != "" {
+		t.Errorf("HEAD: %d %q %q", status, header.Get("Content-Type"), body)
+	}
+	m := scrape(t, d)
+	for _, name := range []string{
+		`gockets_subscribers{transport="sse"}`, "gockets_messages_delivered_total", `gockets_messages_dropped_total{reason="subscriber_gone"}`,
+	} {
+		if m[name] != 0 {
+			t.Errorf("%s = %d after HEAD, want 0", name, m[name])
+		}
+	}
+	if n := d.listeners(ch.PublisherToken); n != 0 {
+		t.Errorf("listeners = %d after HEAD, want 0", n)
+	}
+	if ev := d.sse(ch.SubscriberToken, "").message(); ev.data != "kept" {
+		t.Errorf("the first real subscriber got %+v, want the kept message", ev)
 	}
 }
 
@@ -3256,15 +3906,29 @@ func TestRefusedSubscriberMakesNoPresenceEvent(t *testing.T) {
 func TestSeveralSubprotocolsStillSubscribe(t *testing.T) {
 	d := startDaemon(t)
 	ch := d.prepare("")
-	d.publish(ch.PublisherToken, "kept")
-	c, resp := dialWS(t, d.wsURL(ch.SubscriberToken), http.Header{"Sec-Websocket-Protocol": {"v1, v2"}})
-	if c == nil {
-		t.Fatalf("a client offering two subprotocols: %s", resp.Status)
+	for _, tc := range []struct {
+		offered string
+		chosen  []string // the first offered; none when none is named
+	}{
+		{"v1, v2", []string{"v1"}},
+		{", v2", []string{"v2"}},
+		{", ,", nil},
+	} {
+		t.Run(tc.offered, func(t *testing.T) {
+			d := d.in(t)
+			d.publish(ch.PublisherToken, "kept")
+			c, resp := dialWS(t, d.wsURL(ch.SubscriberToken), http.Header{"Sec-Websocket-Protocol": {tc.offered}})
+			if c == nil {
+				t.Fatalf("a client offering %q: %s", tc.offered, resp.Status)
+			}
+			if got := resp.Header["Sec-Websocket-Protocol"]; !slices.Equal(got, tc.chosen) {
+				t.Errorf("subprotocol %q, want %q", got, tc.chosen)
+			}
+			c.expectText("kept")
+			c.send(true, websocket.CloseFrame, closePayload(closeNormal))
+			c.expectClose(closeNormal)
+		})
 	}
-	if got := resp.Header.Get("Sec-Websocket-Protocol"); got != "v1" {
-		t.Errorf("subprotocol %q, want the first offered", got)
-	}
-	c.expectText("kept")
 }
 
 func TestFailedUpgradeGivesTheBacklogBack(t *testing.T) {
@@ -3328,6 +3992,84 @@ func TestShutdownWithAStuckSubscriberIsBounded(t *testing.T) {
 	}
 }
 
+// TestShutdownNamesWhatItAbandons: a client trickling a request body,
+// even one refused with 401 (whose body net/http still reads), costs a
+// bounded shutdown, exit status 0 and a warning that names the request;
+// hook deliveries cut short fail the shutdown, and it says so, not more.
+func TestShutdownNamesWhatItAbandons(t *testing.T) {
+	const grace = time.Second
+	d := startDaemonWith(t, func(c *config) { c.shutdown = grace }, "-admin-token", "t0ken")
+	var ch channelJSON
+	status, _, body := d.request(http.DefaultClient, "POST", "/channel/prepare", "", func(r *http.Request) { r.Header.Set("Authorization", "Bearer t0ken") })
+	if status != 200 || json.Unmarshal([]byte(body), &ch) != nil {
+		t.Fatalf("prepare: %d %s", status, body)
+	}
+	trickle := func(request string) {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(d.url, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		fmt.Fprint(conn, request)
+		go func() { // a byte now and then, never the whole body
+			for {
+				time.Sleep(100 * time.Millisecond)
+				if _, err := conn.Write([]byte("x")); err != nil {
+					return
+				}
+			}
+		}()
+	}
+	trickle("POST /channel/prepare HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n{")
+	trickle("POST /channel/publish/" + ch.PublisherToken + " HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer t0ken\r\nContent-Length: 100000\r\n\r\nx")
+	waitFor(t, "both requests to be under way", func() bool {
+		_, partial := d.hub.requests.unfinished()
+		return len(partial) == 2
+	})
+
+	start := time.Now()
+	if err := d.stop(); err != nil {
+		t.Errorf("shutdown with two half-received requests: %v (exit status 1), want nil (exit status 0)", err)
+	}
+	if elapsed := time.Since(start); elapsed > grace+time.Second {
+		t.Errorf("shutdown took %v, more than %v and a second", elapsed, grace)
+	}
+	logs := d.logs.String()
+	for _, want := range []string{
+		`request="POST /channel/prepare from 127.0.0.1:`,
+		`request="POST /channel/publish/#` + fingerprint(ch.PublisherToken) + ` from 127.0.0.1:`,
+	} {
+		if !strings.Contains(logs, `msg="shutdown: abandoned a request not received whole" `+want) {
+			t.Errorf("no warning naming %s in:\n%s", want, logs)
+		}
+	}
+
+	// A hook that hangs past the shutdown: its delivery is what is lost.
+	hang := make(chan struct{})
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+		case <-hang:
+		}
+	}))
+	t.Cleanup(hook.Close)
+	t.Cleanup(func() { close(hang) })
+	d = startDaemonWith(t, func(c *config) {
+		c.shutdown = grace
+		c.hook.timeout = time.Minute
+	})
+	ch = d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.URL))
+	c := d.dial(ch.SubscriberToken)
+	c.send(true, websocket.TextFrame, []byte("never delivered"))
+	c.send(true, websocket.CloseFrame, closePayload(closeNormal))
+	c.expectClose(closeNormal)
+	waitFor(t, "the POST to be under way", func() bool { return d.hub.pendingHooks() == 1 })
+	err := d.stop()
+	if err == nil || !strings.Contains(err.Error(), "abandoned 1 hook delivery(ies) not done") || strings.Contains(err.Error(), "subscriber") || strings.Contains(err.Error(), "request") {
+		t.Errorf("shutdown with a hanging hook: %v; want it to name the one hook delivery, and only that", err)
+	}
+}
+
 func TestStateFileIsLocked(t *testing.T) {
 	state := filepath.Join(t.TempDir(), "state.json")
 	d := startDaemon(t, "-state-file", state)
@@ -3344,7 +4086,7 @@ func TestStateFileIsLocked(t *testing.T) {
 	if err := d.stop(); err != nil {
 		t.Fatal(err)
 	}
-	if channels, _, err := loadState(state, d.hub.log); err != nil || len(channels) != 2 {
+	if channels, err := savedChannels(state); err != nil || len(channels) != 2 {
 		t.Errorf("state after: %+v, %v", channels, err)
 	}
 }
@@ -3481,6 +4223,12 @@ func phpEnv(env []string) []string {
 // free port of 127.0.0.1; it returns its URL and what it logs.
 func startPHPServer(t *testing.T, php string, env []string) (string, *syncBuffer) {
 	t.Helper()
+	return startPHPServerIn(t, php, env, "examples")
+}
+
+// startPHPServerIn serves the PHP files of dir with php -S.
+func startPHPServerIn(t *testing.T, php string, env []string, dir string) (string, *syncBuffer) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -3488,7 +4236,7 @@ func startPHPServer(t *testing.T, php string, env []string) (string, *syncBuffer
 	addr := ln.Addr().String()
 	ln.Close() // php takes the port over; another process taking it first fails the wait below
 	logs := &syncBuffer{}
-	cmd := exec.Command(php, "-S", addr, "-t", "examples")
+	cmd := exec.Command(php, "-S", addr, "-t", dir)
 	cmd.Env = phpEnv(env)
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {
