@@ -5072,3 +5072,45 @@ func BenchmarkRedisPublish(b *testing.B) {
 		b.Fatal(err)
 	}
 }
+
+func TestRedisSubscribersJoiningMidStreamMissNothingAfterTheirJoin(t *testing.T) {
+	rs := startRedis(t)
+	a, b := startNode(t, rs.url()), startNode(t, rs.url())
+	ch := a.prepare("")
+	reference := a.dial(ch.SubscriberToken)
+	const n = 300
+	var wg sync.WaitGroup
+	for _, d := range []*daemon{a, b} {
+		wg.Go(func() {
+			for i := range n {
+				d.publish(ch.PublisherToken, fmt.Sprintf("%s %d", d.url, i))
+			}
+		})
+	}
+	// Subscribers join on both nodes while both publish: each must get, from
+	// its first message on, every later one of the common order, once.
+	var late []*wsClient
+	for i := range 6 {
+		late = append(late, []*daemon{a, b}[i%2].dial(ch.SubscriberToken))
+		time.Sleep(time.Duration(i) * 5 * time.Millisecond) // spread over the publishing
+	}
+	wg.Wait()
+	a.publish(ch.PublisherToken, "end") // for a subscriber that joined after the others
+	var order []string
+	for range 2*n + 1 {
+		_, p := reference.next()
+		order = append(order, string(p))
+	}
+	for i, c := range late {
+		_, p := c.next()
+		at := slices.Index(order, string(p))
+		if at < 0 {
+			t.Fatalf("late subscriber %d got %q, which the reference never did", i, p)
+		}
+		for _, want := range order[at+1:] {
+			if _, p := c.next(); string(p) != want {
+				t.Fatalf("late subscriber %d got %q, want %q (joined at %d of %d)", i, p, want, at, len(order))
+			}
+		}
+	}
+}
