@@ -3202,8 +3202,22 @@ func (r *redisEngine) follow() (up bool, err error) {
 		}
 	}()
 	// Announcements made while away are in the streams: catch up, then
-	// read on (what was announced meanwhile waits in the socket).
-	r.resync()
+	// read on (what was announced meanwhile waits in the socket). Until it
+	// has caught up, the node is not healthy.
+	for {
+		err := r.resync()
+		if err == nil {
+			break
+		}
+		r.mu.Lock()
+		r.eventsErr = fmt.Errorf("catching up: %w", err)
+		r.mu.Unlock()
+		r.h.log.Warn("catching up after a redis outage failed; trying again", "err", err)
+		r.cmd.awaitUp(redisBackoffMax)
+		if !sleep(r.ctx, jitter(redisBackoffMin)) {
+			return true, r.ctx.Err()
+		}
+	}
 	r.mu.Lock()
 	r.eventsErr = nil
 	r.mu.Unlock()
@@ -3221,19 +3235,24 @@ func (r *redisEngine) follow() (up bool, err error) {
 		}
 		if f, ok := reply.([]any); ok && len(f) == 3 && replyString(f[0]) == "message" {
 			payload, _ := f[2].([]byte)
-			r.announced(payload)
+			if err := r.announced(payload); err != nil {
+				// A gap that cannot be filled now: subscribe again, which
+				// catches up once Redis answers.
+				return true, err
+			}
 		}
 	}
 }
 
 // announced acts on one announcement: "p PUB ID PREV BINARY DATA" (a
-// publish), "e PUB HOOK" (an edit) or "d PUB" (a delete).
-func (r *redisEngine) announced(a []byte) {
+// publish), "e PUB HOOK" (an edit) or "d PUB" (a delete). An error is a gap
+// in a channel's messages that could not be filled.
+func (r *redisEngine) announced(a []byte) error {
 	kind, rest, _ := bytes.Cut(a, []byte(" "))
 	pubBytes, rest, _ := bytes.Cut(rest, []byte(" "))
 	ch := r.h.byPublisherToken(string(pubBytes))
 	if ch == nil || ch.shared == nil {
-		return // no subscriber of it here
+		return nil // no subscriber of it here
 	}
 	switch string(kind) {
 	case "p":
@@ -3244,9 +3263,9 @@ func (r *redisEngine) announced(a []byte) {
 		prev, ok2 := parseStreamID(string(prevPart))
 		if !ok1 || !ok2 {
 			r.h.log.Warn("malformed announcement from redis", "bytes", len(a))
-			return
+			return nil
 		}
-		r.received(ch, &message{id: id, data: data, binary: string(binaryPart) == "1", at: time.Now()}, prev)
+		return r.received(ch, &message{id: id, data: data, binary: string(binaryPart) == "1", at: time.Now()}, prev)
 	case "e":
 		var hook *string
 		if len(rest) > 0 {
@@ -3257,31 +3276,30 @@ func (r *redisEngine) announced(a []byte) {
 	case "d":
 		r.deleted(ch)
 	}
+	return nil
 }
 
 // received hands an announced message to this node's subscribers, in
 // stream order: the next one at once; after a gap, the missing ones first,
 // from the stream.
-func (r *redisEngine) received(ch *channel, m *message, prev uint64) {
+func (r *redisEngine) received(ch *channel, m *message, prev uint64) error {
 	sh := ch.shared
 	sh.mu.Lock()
 	switch {
 	case !sh.following:
 		sh.seen = max(sh.seen, m.id)
 		sh.mu.Unlock()
-		return
+		return nil
 	case m.id <= sh.cursor:
 		sh.mu.Unlock()
-		return
+		return nil
 	case prev == sh.cursor:
 		r.deliverLocked(ch, m)
 		sh.mu.Unlock()
-		return
+		return nil
 	}
 	sh.mu.Unlock()
-	if err := r.catchUp(ch, m.id); err != nil {
-		r.h.log.Warn("messages missed", "channel", fingerprint(ch.subscriberToken), "err", err)
-	}
+	return r.catchUp(ch, m.id)
 }
 
 func (r *redisEngine) setHook(ch *channel, hook *string) {
@@ -3303,8 +3321,9 @@ func (r *redisEngine) deleted(ch *channel) {
 
 // resync brings this node's channels up to date after the announcements
 // were lost for a while: deleted ones close, hook URLs are read again, and
-// messages missed are handed out from the streams.
-func (r *redisEngine) resync() {
+// messages missed are handed out from the streams. It returns the first
+// error; what it could do, it did.
+func (r *redisEngine) resync() error {
 	type check struct {
 		ch   *channel
 		call *redisCall
@@ -3315,11 +3334,15 @@ func (r *redisEngine) resync() {
 			checks = append(checks, check{ch, r.cmd.send(false, "HMGET", r.prefix+"ch:"+ch.publisherToken, "sub", "hook", "last")})
 		}
 	}
+	var failure error
 	for _, c := range checks {
 		reply, err := c.call.wait()
 		f, ok := reply.([]any)
-		if err != nil || !ok || len(f) != 3 {
-			r.h.log.Warn("catching up after a redis outage failed", "err", err)
+		if err == nil && (!ok || len(f) != 3) {
+			err = fmt.Errorf("redis: HMGET answered %v", reply)
+		}
+		if err != nil {
+			failure = cmp.Or(failure, err)
 			continue
 		}
 		if f[0] == nil {
@@ -3331,11 +3354,10 @@ func (r *redisEngine) resync() {
 		following := c.ch.shared.following
 		c.ch.shared.mu.Unlock()
 		if last, ok := parseStreamID(replyString(f[2])); ok && following {
-			if err := r.catchUp(c.ch, last); err != nil {
-				r.h.log.Warn("catching up after a redis outage failed", "err", err)
-			}
+			failure = cmp.Or(failure, r.catchUp(c.ch, last))
 		}
 	}
+	return failure
 }
 
 // ---- A subscriber's life ----

@@ -5114,3 +5114,19 @@ func TestRedisSubscribersJoiningMidStreamMissNothingAfterTheirJoin(t *testing.T)
 		}
 	}
 }
+
+func TestRedisRestartedWithoutItsDataClosesTheChannels(t *testing.T) {
+	rs := startRedis(t) // no persistence
+	a := startNode(t, rs.url())
+	ch := a.prepare("")
+	sub := a.dial(ch.SubscriberToken)
+	rs.kill()
+	rs.start()
+	// The node finds the channel gone when it subscribes again.
+	if reason := sub.expectClose(1000); reason != "channel deleted" {
+		t.Errorf("close reason %q", reason)
+	}
+	if status, _, _ := a.call("GET", "/channel/"+ch.PublisherToken, ""); status != 404 {
+		t.Errorf("show after Redis lost the channel: %d", status)
+	}
+}
