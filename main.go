@@ -20,6 +20,7 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -209,7 +210,7 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	var pingSeconds int
 	maxSubscribers := defaultMaxSubscribers()
 	var showVersion bool
-	var redisURL string
+	var redisURL, redisCA string
 	fs := flag.NewFlagSet("gockets", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.IntVar(&cfg.port, "port", 8844, "port of the server, 1-65535 (0 picks a free one)")
@@ -237,6 +238,7 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	fs.IntVar(&cfg.maxSubscribersPerChannel, "max-subscribers-per-channel", maxSubscribers, "subscriber connections to one channel; more are refused with 503")
 	fs.StringVar(&cfg.stateFile, "state-file", "", "keep the channels in this file so that they survive restarts (default: in memory only)")
 	fs.StringVar(&redisURL, "redis", "", "share the channels with other nodes through Redis at redis://[user:password@]host:port/db or rediss:// (better set as "+envName("redis")+"; default: this process only)")
+	fs.StringVar(&redisCA, "redis-ca", "", "with rediss://, trust only these certificate authorities (PEM) for Redis's certificate (default: the system's)")
 	fs.StringVar(&cfg.redisPrefix, "redis-prefix", "gockets:", "prefix of every Redis key and Pub/Sub channel of this deployment")
 	fs.IntVar(&cfg.backlog, "backlog", 100, "messages kept per channel while it has no subscriber, for the next one (0-1000)")
 	fs.DurationVar(&cfg.backlogTTL, "backlog-ttl", time.Minute, "how long a kept message waits for a subscriber")
@@ -326,8 +328,31 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 		}
 		cfg.redis = opts
 	}
+	if redisCA != "" {
+		if cfg.redis == nil || !cfg.redis.tls {
+			return cfg, usageError{fmt.Errorf("%s is for a rediss:// URL in %s", source["redis-ca"], source["redis"])}
+		}
+		pool, err := loadCertPool(redisCA)
+		if err != nil {
+			return cfg, usageError{fmt.Errorf("%s: %w", source["redis-ca"], err)}
+		}
+		cfg.redis.rootCAs = pool
+	}
 	cfg.pingInterval = time.Duration(pingSeconds) * time.Second
 	return cfg, nil
+}
+
+// loadCertPool reads the PEM certificates of a file into a pool of its own.
+func loadCertPool(path string) (*x509.CertPool, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(data) {
+		return nil, fmt.Errorf("no PEM certificate in %s", path)
+	}
+	return pool, nil
 }
 
 // defaultMaxSubscribers leaves reservedFiles of the open-files limit (or
@@ -1835,6 +1860,7 @@ const (
 type redisOptions struct {
 	addr, host     string
 	tls            bool
+	rootCAs        *x509.CertPool // -redis-ca; nil: the system's
 	user, password string
 	db             int
 }
@@ -2353,7 +2379,7 @@ func (o *redisOptions) dial(ctx context.Context) (net.Conn, error) {
 		return nil, err
 	}
 	if o.tls {
-		tc := tls.Client(conn, &tls.Config{ServerName: o.host, MinVersion: tls.VersionTLS12})
+		tc := tls.Client(conn, &tls.Config{ServerName: o.host, RootCAs: o.rootCAs, MinVersion: tls.VersionTLS12})
 		if err := tc.HandshakeContext(ctx); err != nil {
 			conn.Close()
 			return nil, fmt.Errorf("TLS with %s: %w", o.addr, err)

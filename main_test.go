@@ -4325,6 +4325,7 @@ type redisServer struct {
 	t    testing.TB
 	port int
 	args []string
+	tls  *tls.Config // how try connects when Redis speaks only TLS; nil: plain
 	cmd  *exec.Cmd
 	done chan struct{}
 }
@@ -4346,14 +4347,31 @@ func startRedis(t testing.TB, args ...string) *redisServer {
 	port := ln.Addr().(*net.TCPAddr).Port
 	ln.Close()
 	rs := &redisServer{t: t, port: port, args: args}
+	if slices.Contains(args, "--tls-cert-file") {
+		rs.tls = &tls.Config{InsecureSkipVerify: true} // the test's own Redis, on loopback
+	}
 	rs.start()
 	t.Cleanup(rs.kill)
 	return rs
 }
 
+// startRedisTLS starts redis-server speaking only TLS, with a certificate
+// of its own for 127.0.0.1; caFile is what a client must trust for it.
+func startRedisTLS(t *testing.T) (rs *redisServer, caFile string) {
+	t.Helper()
+	certFile, keyFile, _ := selfSigned(t)
+	rs = startRedis(t, "--tls-cert-file", certFile, "--tls-key-file", keyFile, "--tls-ca-cert-file", certFile,
+		"--tls-auth-clients", "no")
+	return rs, certFile
+}
+
 func (rs *redisServer) start() {
 	rs.t.Helper()
-	args := append([]string{"--port", strconv.Itoa(rs.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"}, rs.args...)
+	ports := []string{"--port", strconv.Itoa(rs.port)}
+	if rs.tls != nil {
+		ports = []string{"--port", "0", "--tls-port", strconv.Itoa(rs.port)}
+	}
+	args := append(append(ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"), rs.args...)
 	rs.cmd = exec.Command("redis-server", args...)
 	var out syncBuffer
 	rs.cmd.Stdout, rs.cmd.Stderr = &out, &out
@@ -4381,11 +4399,23 @@ func (rs *redisServer) kill() {
 	<-rs.done
 }
 
-func (rs *redisServer) url() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", rs.port) }
+func (rs *redisServer) url() string {
+	if rs.tls != nil {
+		return fmt.Sprintf("rediss://127.0.0.1:%d/0", rs.port)
+	}
+	return fmt.Sprintf("redis://127.0.0.1:%d/0", rs.port)
+}
 
 // try runs one command on a connection of its own.
 func (rs *redisServer) try(args ...any) (any, error) {
-	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", rs.port), time.Second)
+	var conn net.Conn
+	var err error
+	addr := fmt.Sprintf("127.0.0.1:%d", rs.port)
+	if rs.tls != nil {
+		conn, err = tls.DialWithDialer(&net.Dialer{Timeout: time.Second}, "tcp", addr, rs.tls)
+	} else {
+		conn, err = net.DialTimeout("tcp", addr, time.Second)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -4833,6 +4863,32 @@ func TestRedisLostAnnouncementsAreFilledFromTheStream(t *testing.T) {
 	sub.expectText("last")
 }
 
+func TestRedisOverTLS(t *testing.T) {
+	rs, caFile := startRedisTLS(t)
+	// Trusting the Redis server's CA with -redis-ca, two nodes share a
+	// channel through rediss:// as through redis://.
+	a, b := startNode(t, rs.url(), "-redis-ca", caFile), startNode(t, rs.url(), "-redis-ca", caFile)
+	ch := a.prepare(`{"tag": "tls"}`)
+	kept := a.publish(ch.PublisherToken, "kept")
+	sub := b.dial(ch.SubscriberToken)
+	sub.expectText("kept")
+	if r := b.publish(ch.PublisherToken, "live"); r.Subscribers != 1 || r.Queued {
+		t.Errorf("publish with a subscriber: %+v (before it: %+v)", r, kept)
+	}
+	sub.expectText("live")
+	if got := rs.keys("gockets:sub:*"); len(got) != 1 {
+		t.Errorf("keys in redis: %v", got)
+	}
+	// Without it, the system's CAs do not know the certificate: the node
+	// does not connect, and says why.
+	untrusted := startNode(t, rs.url())
+	status, _, body := untrusted.call("GET", "/healthz", "")
+	if status != 503 || !strings.Contains(body, "certificate signed by unknown authority") {
+		t.Errorf("/healthz of a node that does not trust Redis's certificate: %d %s", status, body)
+	}
+	untrusted.mustCall("POST", "/channel/prepare", "", 503, nil)
+}
+
 func TestRedisWrongPasswordIsNamed(t *testing.T) {
 	rs := startRedis(t, "--requirepass", "right")
 	base := fmt.Sprintf("127.0.0.1:%d/0", rs.port)
@@ -4924,6 +4980,9 @@ func TestRedisFlags(t *testing.T) {
 		{[]string{"-redis", "redis://127.0.0.1/zero"}, `-redis: database "zero" is not a number`},
 		{[]string{"-redis", "redis:///0"}, "-redis: no host"},
 		{[]string{"-redis", "redis://127.0.0.1", "-channel-ttl", "1h"}, "-channel-ttl is not available with -redis yet"},
+		{[]string{"-redis", "redis://127.0.0.1", "-redis-ca", "ca.pem"}, "-redis-ca is for a rediss:// URL in -redis"},
+		{[]string{"-redis", "rediss://127.0.0.1", "-redis-ca", "/nonexistent/ca.pem"}, "-redis-ca: open /nonexistent/ca.pem"},
+		{[]string{"-redis", "rediss://127.0.0.1", "-redis-ca", "main.go"}, "-redis-ca: no PEM certificate in main.go"},
 	} {
 		_, err := parseConfig(tc.args, func(string) string { return "" }, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), tc.want) || exitStatus(err) != 2 {
