@@ -4889,6 +4889,42 @@ func TestRedisOverTLS(t *testing.T) {
 	untrusted.mustCall("POST", "/channel/prepare", "", 503, nil)
 }
 
+// TestRedisJoinWhileAnnouncementsAreOnTheirWay: a subscriber joins a node
+// whose subscribers have not yet been handed a message that Redis took
+// (its announcement is still on the way). The node hands that message to
+// the subscribers it had, not to the newcomer, and the announcement, when
+// it arrives, to nobody.
+func TestRedisJoinWhileAnnouncementsAreOnTheirWay(t *testing.T) {
+	rs := startRedis(t)
+	d := startNode(t, rs.url())
+	ch := d.prepare("")
+	first := d.dial(ch.SubscriberToken)
+	d.publish(ch.PublisherToken, "before")
+	first.expectText("before")
+
+	// A publish as the engine makes it, whose announcement is held back:
+	// the publish script with its PUBLISH turned into the script's answer.
+	var held []string
+	for line := range strings.Lines(publishScript.src) {
+		if announcement, ok := strings.CutPrefix(line, "redis.call('PUBLISH', P .. 'events', "); ok {
+			line = "do return " + strings.TrimSuffix(strings.TrimSpace(announcement), ")") + " end\n"
+		}
+		held = append(held, line)
+	}
+	reply := rs.do(append([]any{"EVAL", strings.Join(held, ""), 0}, "gockets:", ch.PublisherToken, "on its way", "0", 100, 60000)...)
+	announcement, ok := reply.([]byte)
+	if !ok || !strings.HasPrefix(string(announcement), "p "+ch.PublisherToken+" ") {
+		t.Fatalf("held announcement: %q", reply)
+	}
+
+	second := d.dial(ch.SubscriberToken) // joins after that publish
+	rs.do("PUBLISH", "gockets:events", announcement) // arrives after the join
+	d.publish(ch.PublisherToken, "after")
+	first.expectText("on its way")
+	first.expectText("after")
+	second.expectText("after") // not "on its way", published before it joined
+}
+
 func TestRedisWrongPasswordIsNamed(t *testing.T) {
 	rs := startRedis(t, "--requirepass", "right")
 	base := fmt.Sprintf("127.0.0.1:%d/0", rs.port)
