@@ -4917,8 +4917,10 @@ func TestRedisJoinWhileAnnouncementsAreOnTheirWay(t *testing.T) {
 		t.Fatalf("held announcement: %q", reply)
 	}
 
-	second := d.dial(ch.SubscriberToken) // joins after that publish
-	rs.do("PUBLISH", "gockets:events", announcement) // arrives after the join
+	// The second subscriber joins after that publish; its announcement
+	// arrives after the join.
+	second := d.dial(ch.SubscriberToken)
+	rs.do("PUBLISH", "gockets:events", announcement)
 	d.publish(ch.PublisherToken, "after")
 	first.expectText("on its way")
 	first.expectText("after")
