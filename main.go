@@ -60,13 +60,16 @@ const (
 	// to accept bytes is stuck, and its connection is closed.
 	writeWait = 10 * time.Second
 	// closeGrace is how long we wait for a peer's close frame after ours
-	// before dropping the TCP connection, and how long a write under way
-	// may still take once its subscriber is being dropped.
+	// before dropping the TCP connection, and how long the write under way
+	// and our close frame may still take once a subscriber is dropped: a
+	// peer that reads gets its close code within it.
 	closeGrace = time.Second
-	// drainWait bounds the write under way, then the messages still queued,
-	// for a subscriber closed in order (channel deleted, shutdown): twice,
-	// with closeGrace twice, it keeps a stuck subscriber inside
-	// shutdownTimeout.
+	// drainWait bounds everything written to a subscriber closed in order
+	// (channel deleted, shutdown): queued messages start during its first
+	// drainWait-closeGrace, the last of them and the close frame get the
+	// rest. With closeGrace for the peer's close after it, a subscriber that
+	// does not read keeps shutdown waiting drainWait, one that reads slowly
+	// drainWait+closeGrace at most: well inside shutdownTimeout.
 	drainWait = 2 * time.Second
 	// sseHeartbeat is the longest an SSE stream stays silent: proxies close
 	// streams idle for a minute (nginx's proxy_read_timeout).
@@ -91,6 +94,14 @@ const (
 	wsBufferSize = 256
 	// batchBytes is the most a WebSocket writer gathers for one write.
 	batchBytes = 64 << 10
+	// sendBufferBytes caps the kernel's send buffer of a connection (Linux
+	// doubles it for its bookkeeping; left alone it grows to 4 MiB). What
+	// the kernel holds is past recall: with this cap a subscriber reading
+	// 2 MB/s gets a close frame a quarter of a second after we write it,
+	// not two seconds, and a thousand stuck subscribers pin 0.5 GB of
+	// kernel memory, not 4 GB. 512 KiB in flight still carry 40 Mbit/s to
+	// a peer 100 ms away.
+	sendBufferBytes = 256 << 10
 )
 
 type config struct {
@@ -1457,7 +1468,10 @@ type subscriber struct {
 	queue       []*message // waiting for the writer
 	pong        []byte     // payload of a ping to answer, nil if none
 	pingDue     bool       // time to ping (SSE: to send a heartbeat)
+	writing     int        // messages the writer has taken: they count against sendQueue
 	bye         farewell   // set once, by stop
+	sendUntil   time.Time  // set by stop: no message starts after it
+	closeBy     time.Time  // set by stop: every write ends by then
 	broken      bool       // a write failed: the stream may hold half a frame
 	hookQueue   []hookItem
 	hookRunning bool
@@ -1466,6 +1480,7 @@ type subscriber struct {
 	hookSeq     uint64 // items queued for the hook, for delivery ids
 
 	wake     chan struct{} // the writer has something to do
+	stopping atomic.Bool   // stop has run: the writer checks sendUntil between messages
 	stopOnce sync.Once
 	done     chan struct{} // closed when the writer has finished
 }
@@ -1525,20 +1540,25 @@ func (s *subscriber) begin(p peer) {
 }
 
 // stop ends the subscriber once: it leaves the channel at once, so that
-// listeners is exact, and the writer says goodbye.
+// listeners is exact, and the writer says goodbye. From here every write
+// ends by closeBy, the write under way included: drainWait for an orderly
+// close, closeGrace otherwise. The writer starts no message after
+// sendUntil, so that a peer that still reads gets whole messages, then the
+// close frame.
 func (s *subscriber) stop(bye farewell) {
 	s.stopOnce.Do(func() {
 		listeners := s.ch.leave(s)
 		s.mu.Lock()
 		s.bye = bye
-		if (bye.abort || bye.drain) && s.peer != nil && !s.broken {
-			// The peer may not be reading: the write under way gets
-			// closeGrace (or drainWait) to finish, not writeWait.
-			wait := closeGrace
-			if bye.drain {
-				wait = drainWait
-			}
-			if err := s.peer.setWriteDeadline(time.Now().Add(wait)); err != nil {
+		now := time.Now()
+		s.sendUntil, s.closeBy = now, now.Add(closeGrace)
+		if bye.drain {
+			s.closeBy = now.Add(drainWait)
+			s.sendUntil = s.closeBy.Add(-closeGrace)
+		}
+		s.stopping.Store(true)
+		if s.peer != nil && !s.broken {
+			if err := s.peer.setWriteDeadline(s.closeBy); err != nil {
 				s.log.Debug("set write deadline", "err", err)
 			}
 		}
@@ -1554,7 +1574,7 @@ func (s *subscriber) stop(bye farewell) {
 // subscriber is too far behind.
 func (s *subscriber) enqueue(m *message) bool {
 	s.mu.Lock()
-	if len(s.queue) >= s.hub.cfg.sendQueue {
+	if len(s.queue)+s.writing >= s.hub.cfg.sendQueue {
 		s.mu.Unlock()
 		return false
 	}
@@ -1750,6 +1770,7 @@ func (s *subscriber) writeLoop() {
 		s.mu.Lock()
 		bye, ping, pong := s.bye, s.pingDue, s.pong
 		batch, s.queue = s.queue, batch[:0]
+		s.writing = len(batch)
 		s.pingDue, s.pong = false, nil
 		s.mu.Unlock()
 		if bye.code != 0 {
@@ -1759,7 +1780,11 @@ func (s *subscriber) writeLoop() {
 		if ping {
 			pinger.Reset(interval)
 		}
-		if err := s.write(batch, pong, ping, writeWait); err != nil {
+		err := s.write(batch, pong, ping)
+		s.mu.Lock()
+		s.writing = 0
+		s.mu.Unlock()
+		if err != nil {
 			s.log.Debug("write failed", "err", err)
 			s.stop(farewell{closeGoingAway, "write failed", false, true})
 		}
@@ -1767,21 +1792,25 @@ func (s *subscriber) writeLoop() {
 	}
 }
 
-// write sends a ping, a pong and the queued messages, within wait. A
+// write sends a ping, a pong and the messages of batch, each write within
+// writeWait (or by closeBy, once stopping). Once stopping it starts no
+// message after sendUntil; what it leaves out is counted as dropped. A
 // failed write marks the stream broken: nothing more is written to it.
-func (s *subscriber) write(batch []*message, pong []byte, ping bool, wait time.Duration) (err error) {
+func (s *subscriber) write(batch []*message, pong []byte, ping bool) (err error) {
 	if len(batch) == 0 && pong == nil && !ping {
 		return nil
 	}
+	sent := 0
 	defer func() {
 		if err != nil {
 			s.mu.Lock()
 			s.broken = true
 			s.mu.Unlock()
-			s.hub.stats.droppedGone.Add(int64(len(batch)))
+			sent = 0 // the last of them may be cut, and nothing tells how many the peer has
 		}
+		s.countDropped(len(batch) - sent)
 	}()
-	if err := s.armWrite(wait); err != nil {
+	if err := s.armWrite(writeWait); err != nil {
 		return err
 	}
 	if ping {
@@ -1795,34 +1824,60 @@ func (s *subscriber) write(batch []*message, pong []byte, ping bool, wait time.D
 		}
 	}
 	for _, m := range batch {
+		if s.stopping.Load() && s.pastSendUntil() {
+			break
+		}
 		if err := s.peer.send(m); err != nil {
 			return err
 		}
+		sent++
 	}
 	if err := s.peer.flush(); err != nil {
 		return err
 	}
-	s.hub.stats.delivered.Add(int64(len(batch)))
+	s.hub.stats.delivered.Add(int64(sent))
 	return nil
+}
+
+func (s *subscriber) pastSendUntil() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return !time.Now().Before(s.sendUntil)
+}
+
+// countDropped counts n messages that were queued and not sent: too slow,
+// or gone.
+func (s *subscriber) countDropped(n int) {
+	if n == 0 {
+		return
+	}
+	s.mu.Lock()
+	slow := s.bye.code == closePolicyViolation
+	s.mu.Unlock()
+	if slow {
+		s.hub.stats.droppedSlow.Add(int64(n))
+	} else {
+		s.hub.stats.droppedGone.Add(int64(n))
+	}
 }
 
 // finish says goodbye: what is still queued when the close is orderly, then
 // the close frame (SSE: a close event); then it lets a WebSocket's reader
 // wait briefly for the peer's close frame.
+// finish says goodbye: what is still queued when the close is orderly (as
+// much as starts before sendUntil), then the close frame (SSE: a close
+// event); then it lets a WebSocket's reader wait briefly for the peer's
+// close frame, or not at all when the stream is broken: nothing can follow
+// half a frame.
 func (s *subscriber) finish(bye farewell, batch []*message) {
 	s.mu.Lock()
 	batch = append(batch, s.queue...) // stop has taken s out of the channel: nothing more comes
 	s.queue = nil
 	s.mu.Unlock()
-	switch {
-	case bye.code == closePolicyViolation:
-		s.hub.stats.droppedSlow.Add(int64(len(batch)))
-	case !bye.drain:
-		s.hub.stats.droppedGone.Add(int64(len(batch)))
-	default:
-		if err := s.write(batch, nil, false, drainWait); err != nil {
-			s.log.Debug("final flush", "err", err)
-		}
+	if !bye.drain {
+		s.countDropped(len(batch))
+	} else if err := s.write(batch, nil, false); err != nil {
+		s.log.Debug("final flush", "err", err)
 	}
 	err := s.armWrite(closeGrace)
 	if err == nil {
@@ -1833,20 +1888,29 @@ func (s *subscriber) finish(bye farewell, batch []*message) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err := s.peer.setReadDeadline(time.Now().Add(closeGrace)); err != nil {
+	end := time.Now()
+	if !s.broken {
+		end = end.Add(closeGrace)
+	}
+	if err := s.peer.setReadDeadline(end); err != nil {
 		s.log.Debug("set read deadline", "err", err)
 	}
 }
 
-// armWrite sets the write deadline, unless a write has failed: then the
-// stream may end in half a frame, and nothing more may follow it.
+// armWrite sets the write deadline, wait from now but never past closeBy,
+// unless a write has failed: then the stream may end in half a frame, and
+// nothing more may follow it.
 func (s *subscriber) armWrite(wait time.Duration) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.broken {
 		return errors.New("an earlier write failed")
 	}
-	if err := s.peer.setWriteDeadline(time.Now().Add(wait)); err != nil {
+	deadline := time.Now().Add(wait)
+	if !s.closeBy.IsZero() && s.closeBy.Before(deadline) {
+		deadline = s.closeBy
+	}
+	if err := s.peer.setWriteDeadline(deadline); err != nil {
 		return fmt.Errorf("set write deadline: %w", err)
 	}
 	return nil
@@ -2865,7 +2929,24 @@ func newServer(cfg config, h *hub, log *slog.Logger) *http.Server {
 		IdleTimeout:       cfg.idleTimeout,
 		MaxHeaderBytes:    cfg.maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn), // "too many open files" matters
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if err := limitSendBuffer(c); err != nil {
+				log.Debug("set send buffer", "err", err)
+			}
+			return ctx
+		},
 	}
+}
+
+// limitSendBuffer sets a TCP connection's send buffer to sendBufferBytes.
+func limitSendBuffer(c net.Conn) error {
+	if tc, ok := c.(interface{ NetConn() net.Conn }); ok { // TLS
+		c = tc.NetConn()
+	}
+	if tcp, ok := c.(*net.TCPConn); ok {
+		return tcp.SetWriteBuffer(sendBufferBytes)
+	}
+	return nil
 }
 
 // shutdown closes every subscriber with 1001, lets in-flight requests and

@@ -27,6 +27,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -3243,5 +3244,200 @@ func TestStateFileIsLocked(t *testing.T) {
 	}
 	if channels, _, err := loadState(state, d.hub.log); err != nil || len(channels) != 2 {
 		t.Errorf("state after: %+v, %v", channels, err)
+	}
+}
+
+// ---- Closing on time, whatever the subscriber reads ----
+
+// slowReadRate is how fast a slow subscriber in these tests reads, in bytes
+// per second: a phone on a poor network, far slower than the daemon writes.
+const slowReadRate = 2 << 20
+
+// throttledConn reads at most rate bytes per second.
+type throttledConn struct {
+	net.Conn
+	rate int
+}
+
+func (c throttledConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p[:min(len(p), c.rate/100)])
+	time.Sleep(time.Duration(n) * time.Second / time.Duration(c.rate))
+	return n, err
+}
+
+// dialSlow subscribes with a client that reads, but at slowReadRate.
+func (d *daemon) dialSlow(subscriberToken string) *wsClient {
+	d.t.Helper()
+	u, err := url.Parse(d.wsURL(subscriberToken))
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	conn, err := net.Dial("tcp", u.Host)
+	if err != nil {
+		d.t.Fatalf("dial %s: %v", u.Host, err)
+	}
+	d.t.Cleanup(func() { conn.Close() })
+	c, resp := handshake(d.t, throttledConn{conn, slowReadRate}, u, nil)
+	if c == nil {
+		d.t.Fatalf("subscribe: status %s", resp.Status)
+	}
+	return c
+}
+
+// readUntilClose reads numbered messages ("N:" and size bytes after it), in
+// order from 0 and each whole, until a close frame with code; it answers the
+// close and expects the end of the connection. It returns when each
+// message and the close frame arrived.
+func (c *wsClient) readUntilClose(code, size int) (arrived []time.Time, closed time.Time) {
+	c.t.Helper()
+	for {
+		op, p := c.next()
+		if op == websocket.CloseFrame {
+			closed = time.Now()
+			if len(p) < 2 || int(binary.BigEndian.Uint16(p)) != code {
+				c.t.Fatalf("after %d messages: close frame %q, want code %d", len(arrived), p, code)
+			}
+			c.send(true, websocket.CloseFrame, p[:2])
+			if _, err := c.br.ReadByte(); !errors.Is(err, io.EOF) {
+				c.t.Fatalf("after the close frame: %v, want EOF", err)
+			}
+			return arrived, closed
+		}
+		prefix := strconv.Itoa(len(arrived)) + ":"
+		if op != websocket.TextFrame || !strings.HasPrefix(string(p), prefix) || len(p) != len(prefix)+size {
+			c.t.Fatalf("got frame %d of %d bytes %.12q, want message %s of %d bytes", op, len(p), p, prefix, len(prefix)+size)
+		}
+		arrived = append(arrived, time.Now())
+	}
+}
+
+// tryPublish publishes from any goroutine: it returns what went wrong
+// instead of failing the test.
+func (d *daemon) tryPublish(token, body string) (publishAnswer, error) {
+	var r publishAnswer
+	req, err := http.NewRequest("POST", d.url+"/channel/publish/"+token, strings.NewReader(body))
+	if err != nil {
+		return r, err
+	}
+	req.Host = "localhost"
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return r, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return r, fmt.Errorf("publish: %s", resp.Status)
+	}
+	return r, json.NewDecoder(resp.Body).Decode(&r)
+}
+
+// fillSlowReader publishes n numbered messages of size bytes after their
+// number: far more than a slow reader takes in drainWait, fewer than its
+// send queue holds.
+func (d *daemon) fillSlowReader(token string, n, size int) {
+	d.t.Helper()
+	pad := strings.Repeat("x", size)
+	for i := range n {
+		if r := d.publish(token, strconv.Itoa(i)+":"+pad); r.Subscribers != 1 {
+			d.t.Fatalf("message %d handed to %d subscribers", i, r.Subscribers)
+		}
+	}
+}
+
+func TestDeleteClosesASlowReaderOnTime(t *testing.T) {
+	const n, size = 800, 16 << 10 // 13 MB: 6 s of reading
+	d := startDaemon(t, "-log-level", "2")
+	ch := d.prepare("")
+	c := d.dialSlow(ch.SubscriberToken)
+	d.fillSlowReader(ch.PublisherToken, n, size)
+	start := time.Now()
+	d.mustCall("DELETE", "/channel/publish/"+ch.PublisherToken, "", http.StatusOK, nil)
+	arrived, closed := c.readUntilClose(closeNormal, size)
+	took := closed.Sub(start)
+	t.Logf("after DELETE: %d of %d messages, then 1000 after %v", len(arrived), n, took)
+	// drainWait for what is queued; a second more for what the network
+	// already held when the daemon stopped.
+	if took > drainWait+time.Second {
+		t.Errorf("the close frame came %v after DELETE, want at most %v", took, drainWait+time.Second)
+	}
+}
+
+func TestShutdownClosesASlowReaderOnTime(t *testing.T) {
+	const n, size = 800, 16 << 10
+	addr, _, stop := runDaemon(t, "-bind", "127.0.0.1")
+	d := &daemon{t: t, url: "http://" + addr}
+	ch := d.prepare("")
+	c := d.dialSlow(ch.SubscriberToken)
+	d.fillSlowReader(ch.PublisherToken, n, size)
+	start := time.Now()
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+	arrived, closed := c.readUntilClose(closeGoingAway, size)
+	err := recv(t, stopped, "run to return")
+	took, exited := closed.Sub(start), time.Since(start)
+	t.Logf("after SIGTERM: %d of %d messages, then 1001 after %v; exit after %v", len(arrived), n, took, exited)
+	if err != nil {
+		t.Errorf("run returned %v, want nil (exit 0)", err)
+	}
+	if took > drainWait+time.Second {
+		t.Errorf("the close frame came %v after SIGTERM, want at most %v", took, drainWait+time.Second)
+	}
+}
+
+func TestShutdownWithANonReaderTakesDrainWait(t *testing.T) {
+	addr, _, stop := runDaemon(t, "-bind", "127.0.0.1")
+	d := &daemon{t: t, url: "http://" + addr}
+	ch := d.prepare("")
+	d.dial(ch.SubscriberToken) // and never read
+	big := strings.Repeat("x", 64<<10)
+	for range 300 { // 19 MB: far more than the kernel holds for it
+		d.publish(ch.PublisherToken, big)
+	}
+	start := time.Now()
+	err := stop()
+	took := time.Since(start)
+	t.Logf("shutdown with a subscriber that does not read took %v", took)
+	if err != nil {
+		t.Errorf("run returned %v, want nil (exit 0)", err)
+	}
+	if took > drainWait+closeGrace/2 {
+		t.Errorf("shutdown took %v, want drainWait (%v) and little more", took, drainWait)
+	}
+}
+
+func TestTooSlowReaderGetsItsCloseWithinAGrace(t *testing.T) {
+	const size = 32 << 10
+	d := startDaemon(t, "-log-level", "2")
+	ch := d.prepare("")
+	c := d.dialSlow(ch.SubscriberToken)
+	dropped := make(chan time.Time, 1)
+	published := make(chan error, 1)
+	go func() { // until the queue is full and the subscriber dropped
+		pad := strings.Repeat("x", size)
+		for i := range 4 * sendQueueLimit {
+			r, err := d.tryPublish(ch.PublisherToken, strconv.Itoa(i)+":"+pad)
+			if err != nil || r.Subscribers == 0 {
+				dropped <- time.Now()
+				published <- err
+				return
+			}
+		}
+		published <- errors.New("never dropped")
+	}()
+	arrived, closed := c.readUntilClose(closePolicyViolation, size)
+	if err := recv(t, published, "the publisher"); err != nil {
+		t.Fatal(err)
+	}
+	drop := <-dropped
+	after := len(arrived) - sort.Search(len(arrived), func(i int) bool { return arrived[i].After(drop) })
+	took := closed.Sub(drop)
+	t.Logf("dropped after %d messages; then %d more and 1008 after %v", len(arrived)-after, after, took)
+	// closeGrace for the write under way and the close frame; a second more
+	// for what the network already held.
+	if took > closeGrace+time.Second {
+		t.Errorf("1008 came %v after the drop, want at most %v", took, closeGrace+time.Second)
+	}
+	if most := slowReadRate / size; after > most {
+		t.Errorf("%d messages after the drop, want at most %d (a second of reading)", after, most)
 	}
 }
