@@ -19,6 +19,7 @@ import (
 	"crypto/subtle"
 	"crypto/tls"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -476,6 +477,40 @@ type message struct {
 	data   []byte
 	binary bool // sent as a binary frame (SSE: base64)
 	at     time.Time
+	frame  []byte // the WebSocket frame: its header, then data
+}
+
+// frameHeadroom is room for the longest header of a frame we send: 2
+// bytes, then 8 of length (a server does not mask).
+const frameHeadroom = 10
+
+// newMessage makes a message of what follows frameHeadroom bytes in buf,
+// and builds its WebSocket frame there, in place: once, the same bytes for
+// every subscriber, where x/net/websocket would build it for each.
+func newMessage(buf []byte, isBinary bool, at time.Time) *message {
+	data := buf[frameHeadroom:]
+	opcode := byte(websocket.TextFrame)
+	if isBinary {
+		opcode = websocket.BinaryFrame
+	}
+	var header [frameHeadroom]byte
+	h := appendFrameHeader(header[:0], opcode, len(data))
+	start := frameHeadroom - len(h)
+	copy(buf[start:], h)
+	return &message{data: data, binary: isBinary, at: at, frame: buf[start:]}
+}
+
+// appendFrameHeader appends the header of an unmasked frame that is a whole
+// message (RFC 6455, 5.2).
+func appendFrameHeader(b []byte, opcode byte, length int) []byte {
+	b = append(b, 0x80|opcode) // FIN
+	switch {
+	case length < 126:
+		return append(b, byte(length))
+	case length < 1<<16:
+		return binary.BigEndian.AppendUint16(append(b, 126), uint16(length))
+	}
+	return binary.BigEndian.AppendUint64(append(b, 127), uint64(length))
 }
 
 // kept is a message in a channel's backlog; delivered once some subscriber
@@ -1810,8 +1845,10 @@ func (s *subscriber) write(batch []*message, pong []byte, ping bool) (err error)
 		}
 		s.countDropped(len(batch) - sent)
 	}()
-	if err := s.armWrite(writeWait); err != nil {
-		return err
+	if s.transport == "sse" { // a WebSocket's frameBatch arms only before a write that would block
+		if err := s.armWrite(writeWait); err != nil {
+			return err
+		}
 	}
 	if ping {
 		if err := s.peer.ping(); err != nil {
@@ -1897,6 +1934,18 @@ func (s *subscriber) finish(bye farewell, batch []*message) {
 	}
 }
 
+// disarmWrite clears the write deadline after a write that had to wait,
+// so that the next write need not set one unless it waits too; once
+// closing, closeBy stands.
+func (s *subscriber) disarmWrite() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.closeBy.IsZero() {
+		return nil
+	}
+	return s.peer.setWriteDeadline(time.Time{})
+}
+
 // armWrite sets the write deadline, wait from now but never past closeBy,
 // unless a write has failed: then the stream may end in half a frame, and
 // nothing more may follow it.
@@ -1928,9 +1977,9 @@ type peer interface {
 	setReadDeadline(t time.Time) error
 }
 
-// wsPeer writes frames through x/net/websocket. x/net flushes after every
-// frame; its writer flushes into out, which gathers the messages of one
-// flush of the queue into one write to the socket.
+// wsPeer writes to a WebSocket subscriber: each message as the frame
+// built once for it (newMessage), control frames through x/net/websocket,
+// whose buffered writer flushes into out.
 type wsPeer struct {
 	ws  *websocket.Conn
 	out *frameBatch
@@ -1938,11 +1987,7 @@ type wsPeer struct {
 
 func (p wsPeer) send(m *message) error {
 	p.out.gather()
-	opcode := byte(websocket.TextFrame)
-	if m.binary {
-		opcode = websocket.BinaryFrame
-	}
-	if err := p.frame(opcode, m.data); err != nil {
+	if _, err := p.out.Write(m.frame); err != nil {
 		p.out.end(false)
 		return err
 	}
@@ -1956,33 +2001,49 @@ func (p wsPeer) pong(payload []byte) error { return p.frame(websocket.PongFrame,
 func (p wsPeer) goodbye(bye farewell) error {
 	payload := make([]byte, 2, 2+len(bye.reason))
 	payload[0], payload[1] = byte(bye.code>>8), byte(bye.code)
-	return p.frame(websocket.CloseFrame, append(payload, bye.reason...))
+	if err := p.frame(websocket.CloseFrame, append(payload, bye.reason...)); err != nil {
+		return err
+	}
+	return p.out.end(true)
 }
 
 func (p wsPeer) setWriteDeadline(t time.Time) error { return p.ws.SetWriteDeadline(t) }
 func (p wsPeer) setReadDeadline(t time.Time) error  { return p.ws.SetReadDeadline(t) }
 
+// frame gathers a control frame, written by x/net/websocket.
 func (p wsPeer) frame(opcode byte, payload []byte) error {
+	p.out.gather()
 	w, err := p.ws.NewFrameWriter(opcode)
 	if err != nil {
+		p.out.end(false)
 		return fmt.Errorf("new frame: %w", err)
 	}
 	if _, err := w.Write(payload); err != nil {
+		p.out.end(false)
 		return fmt.Errorf("write frame: %w", err)
 	}
-	return w.Close()
+	if err := w.Close(); err != nil {
+		p.out.end(false)
+		return fmt.Errorf("write frame: %w", err)
+	}
+	return nil
 }
 
-// frameBatch is where x/net/websocket's buffered writer flushes. Outside a
-// batch it writes straight to the connection, under the deadline the writer
-// armed; between gather and end it collects the frames in a buffer lent by
-// the hub, so that an idle subscriber holds none, and writes them at once,
-// arming the deadline before each write to the socket.
+// frameBatch is a WebSocket subscriber's way out. Between gather and end
+// it collects frames in a buffer lent by the hub, so that an idle
+// subscriber holds none, and writes them at once (outside a batch, only
+// x/net's answer to the handshake passes, straight through). A write to a
+// TCP socket first tries without waiting: only when the kernel cannot
+// take it all does the rest wait, under a write deadline armed then, and
+// only then.
 type frameBatch struct {
-	conn net.Conn
-	pool *sync.Pool
-	arm  func() error // sets the write deadline, or says the peer is abandoned
-	buf  *[]byte      // lent between gather and end
+	conn   net.Conn
+	raw    syscall.RawConn // of conn when it is TCP; nil for TLS, where every write is armed
+	pool   *sync.Pool
+	arm    func() error // sets the write deadline, or says the peer is abandoned
+	disarm func() error // clears it after a write that waited
+	buf    *[]byte      // lent between gather and end
+	now    nowWriter
 }
 
 func (b *frameBatch) Write(p []byte) (int, error) {
@@ -1993,10 +2054,10 @@ func (b *frameBatch) Write(p []byte) (int, error) {
 		if err := b.send(); err != nil {
 			return 0, err
 		}
-		if err := b.arm(); err != nil {
+		if err := b.write(p); err != nil {
 			return 0, err
 		}
-		return b.conn.Write(p)
+		return len(p), nil
 	}
 	*b.buf = append(*b.buf, p...)
 	if len(*b.buf) >= batchBytes {
@@ -2018,12 +2079,33 @@ func (b *frameBatch) send() error {
 	if len(*b.buf) == 0 {
 		return nil
 	}
+	err := b.write(*b.buf)
+	*b.buf = (*b.buf)[:0]
+	return err
+}
+
+// write writes p: at once when the kernel takes it all, else the rest
+// under the write deadline.
+func (b *frameBatch) write(p []byte) error {
+	if b.raw != nil {
+		n, err := b.now.write(b.raw, p)
+		if err != nil {
+			return err
+		}
+		if p = p[n:]; len(p) == 0 {
+			return nil
+		}
+	}
 	if err := b.arm(); err != nil {
 		return err
 	}
-	_, err := b.conn.Write(*b.buf)
-	*b.buf = (*b.buf)[:0]
-	return err
+	if _, err := b.conn.Write(p); err != nil {
+		return err
+	}
+	if b.raw != nil {
+		return b.disarm()
+	}
+	return nil
 }
 
 // end writes what was gathered, or drops it, and gives the buffer back.
@@ -2041,6 +2123,39 @@ func (b *frameBatch) end(write bool) error {
 	}
 	b.buf = nil
 	return err
+}
+
+// nowWriter makes writes to a socket that do not wait. Its callback is
+// made once and reads its fields, so that a write allocates nothing.
+type nowWriter struct {
+	p    []byte
+	n    int
+	err  error
+	call func(fd uintptr) bool
+}
+
+// write makes one write that does not wait, and says how much of p the
+// kernel took (none when its buffer is full).
+func (w *nowWriter) write(raw syscall.RawConn, p []byte) (int, error) {
+	if w.call == nil {
+		w.call = func(fd uintptr) bool {
+			w.n, w.err = syscall.Write(int(fd), w.p)
+			return true // once: what the kernel does not take waits elsewhere
+		}
+	}
+	w.p = p
+	err := raw.Write(w.call)
+	n, werr := max(w.n, 0), w.err
+	w.p, w.err = nil, nil
+	switch {
+	case err != nil:
+		return 0, err
+	case werr == syscall.EAGAIN || werr == syscall.EINTR:
+		return 0, nil
+	case werr != nil:
+		return 0, fmt.Errorf("write: %w", werr)
+	}
+	return n, nil
 }
 
 // ssePeer writes Server-Sent Events. Each message is an event with its id,
@@ -2452,6 +2567,11 @@ func writeBody(w http.ResponseWriter, status int, body []byte) {
 // readBody reads a request body of at most limit bytes, answering 413 or 400
 // itself when it cannot.
 func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool) {
+	return readBodyAfter(w, r, limit, 0)
+}
+
+// readBodyAfter is readBody with headroom bytes left free before the body.
+func readBodyAfter(w http.ResponseWriter, r *http.Request, limit int64, headroom int) ([]byte, bool) {
 	tooBig := func() ([]byte, bool) {
 		reply(w, http.StatusRequestEntityTooLarge, "ERR", fmt.Sprintf("body is larger than %d bytes", limit))
 		return nil, false
@@ -2460,9 +2580,8 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool
 		return tooBig()
 	}
 	var buf bytes.Buffer
-	if r.ContentLength > 0 {
-		buf.Grow(int(r.ContentLength))
-	}
+	buf.Grow(headroom + int(max(r.ContentLength, 0)))
+	buf.Write(make([]byte, headroom))
 	_, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, limit))
 	var maxBytes *http.MaxBytesError
 	switch {
@@ -2561,18 +2680,18 @@ func (h *hub) handlePublish(w http.ResponseWriter, r *http.Request) {
 		notFound(w, "publisher")
 		return
 	}
-	body, ok := readBody(w, r, h.cfg.maxMessageBytes)
+	buf, ok := readBodyAfter(w, r, h.cfg.maxMessageBytes, frameHeadroom)
 	if !ok {
 		return
 	}
 	mediaType, _, _ := strings.Cut(r.Header.Get("Content-Type"), ";")
-	binary := strings.EqualFold(strings.TrimSpace(mediaType), "application/octet-stream")
-	if !binary && !utf8.Valid(body) {
+	isBinary := strings.EqualFold(strings.TrimSpace(mediaType), "application/octet-stream")
+	if !isBinary && !utf8.Valid(buf[frameHeadroom:]) {
 		// A browser drops a WebSocket that sends it text that is not UTF-8.
 		reply(w, http.StatusBadRequest, "ERR", "body is not UTF-8 text: publish binary data with Content-Type: application/octet-stream")
 		return
 	}
-	n, queued, ok := h.publish(ch, &message{data: body, binary: binary, at: time.Now()})
+	n, queued, ok := h.publish(ch, newMessage(buf, isBinary, time.Now()))
 	if !ok {
 		notFound(w, "publisher")
 		return
@@ -2658,7 +2777,7 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 	h.connections.Add(1)
 	s := h.newSubscriber(ch, "websocket")
 	conn := &keptConn{}
-	out := &frameBatch{pool: &h.batches, arm: func() error { return s.armWrite(writeWait) }}
+	out := &frameBatch{pool: &h.batches, arm: func() error { return s.armWrite(writeWait) }, disarm: s.disarmWrite}
 	joined := false
 	websocket.Server{
 		Handshake: func(cfg *websocket.Config, req *http.Request) error {
@@ -2704,6 +2823,12 @@ func (t takeover) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	t.conn.Conn, t.out.conn = conn, conn
+	if tcp, ok := conn.(*net.TCPConn); ok {
+		if t.out.raw, err = tcp.SyscallConn(); err != nil {
+			conn.Close()
+			return nil, nil, fmt.Errorf("raw connection: %w", err)
+		}
+	}
 	r := buf.Reader
 	if r.Buffered() == 0 {
 		r = bufio.NewReaderSize(conn, wsBufferSize)

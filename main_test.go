@@ -3042,6 +3042,13 @@ func (discardPeer) setReadDeadline(t time.Time) error  { return nil }
 // subscribers whose writers run for real but write nowhere: one message is
 // allocated per publish and shared, so allocs/op stays flat as subscribers
 // grow. It ends when every writer has written every message.
+// textMessage is a message as handlePublish makes it.
+func textMessage(data []byte) *message {
+	buf := make([]byte, frameHeadroom+len(data))
+	copy(buf[frameHeadroom:], data)
+	return newMessage(buf, false, time.Now())
+}
+
 func BenchmarkPublish(b *testing.B) {
 	for _, n := range []int{0, 1, 100, 1000} {
 		b.Run(fmt.Sprintf("subscribers=%d", n), func(b *testing.B) {
@@ -3059,7 +3066,7 @@ func BenchmarkPublish(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for range b.N {
-				h.publish(ch, &message{data: data})
+				h.publish(ch, textMessage(data))
 			}
 			for h.stats.delivered.Load() < int64(n*b.N) {
 				runtime.Gosched()
@@ -3070,29 +3077,68 @@ func BenchmarkPublish(b *testing.B) {
 	}
 }
 
-// BenchmarkWebSocketFrame is what x/net/websocket costs per frame the
-// daemon writes (the reader is a raw socket that allocates nothing): its
-// frame writer allocates for every frame and flushes each one on its own
-// (to the socket here; in the daemon, into the subscriber's frameBatch).
+// BenchmarkWebSocketFrame is what one 64-byte message costs to write to a
+// socket (read by a raw reader that allocates nothing), one write each:
+// through x/net/websocket's frame writer, which allocates and builds the
+// frame for every write, and as the daemon does, the frame built once per
+// message (newMessage) and written by a subscriber's frameBatch.
 func BenchmarkWebSocketFrame(b *testing.B) {
-	server := make(chan *websocket.Conn, 1)
-	done := make(chan struct{})
-	srv := httptest.NewServer(websocket.Server{Handler: func(ws *websocket.Conn) {
-		server <- ws
-		<-done
-	}})
-	b.Cleanup(func() { close(done); srv.Close() })
-	c, _ := dialWS(b, "ws"+strings.TrimPrefix(srv.URL, "http"), nil)
-	go io.Copy(io.Discard, c.br)
-	p := wsPeer{ws: <-server}
 	data := []byte(strings.Repeat("x", 64))
-	b.ReportAllocs()
-	b.ResetTimer()
-	for range b.N {
-		if err := p.frame(websocket.TextFrame, data); err != nil {
+	b.Run("x/net", func(b *testing.B) {
+		server := make(chan *websocket.Conn, 1)
+		done := make(chan struct{})
+		srv := httptest.NewServer(websocket.Server{Handler: func(ws *websocket.Conn) {
+			server <- ws
+			<-done
+		}})
+		b.Cleanup(func() { close(done); srv.Close() })
+		c, _ := dialWS(b, "ws"+strings.TrimPrefix(srv.URL, "http"), nil)
+		go io.Copy(io.Discard, c.br)
+		ws := <-server
+		b.ReportAllocs()
+		b.ResetTimer()
+		for range b.N {
+			w, err := ws.NewFrameWriter(websocket.TextFrame)
+			if err == nil {
+				_, err = w.Write(data)
+			}
+			if err != nil || w.Close() != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("encoded-once", func(b *testing.B) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
 			b.Fatal(err)
 		}
-	}
+		defer ln.Close()
+		go func() {
+			if c, err := ln.Accept(); err == nil {
+				io.Copy(io.Discard, c)
+			}
+		}()
+		conn, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer conn.Close()
+		raw, _ := conn.(*net.TCPConn).SyscallConn()
+		pool := &sync.Pool{New: func() any { return new([]byte) }}
+		noDeadline := func() error { return nil }
+		out := &frameBatch{conn: conn, raw: raw, pool: pool, arm: noDeadline, disarm: noDeadline}
+		m := textMessage(data)
+		b.ReportAllocs()
+		b.ResetTimer()
+		for range b.N {
+			if err := (wsPeer{out: out}).send(m); err != nil {
+				b.Fatal(err)
+			}
+			if err := out.end(true); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }
 
 // BenchmarkPrepare is POST /channel/prepare through the router, the admin
@@ -3189,7 +3235,7 @@ func TestSlowSubscriberIsCountedOnceUnderConcurrentPublishes(t *testing.T) {
 	d.hub.join(c, stuck, false, 0)
 	var wg sync.WaitGroup
 	for range 16 {
-		wg.Go(func() { d.hub.publish(c, &message{data: []byte("m")}) })
+		wg.Go(func() { d.hub.publish(c, textMessage([]byte("m"))) })
 	}
 	wg.Wait()
 	if n := d.hub.stats.slowDisconnects.Load(); n != 1 {
