@@ -93,6 +93,10 @@ const (
 	// frames bigger than the buffer go around it, and 256 bytes hold the 101
 	// answer and any control frame.
 	wsBufferSize = 256
+	// directShare is how many subscribers a publisher writes to before the
+	// writes of one publish are split over the cores: a few hundred
+	// microseconds of system calls.
+	directShare = 128
 	// batchBytes is the most a WebSocket writer gathers for one write.
 	batchBytes = 64 << 10
 	// sendBufferBytes caps the kernel's send buffer of a connection (Linux
@@ -441,6 +445,7 @@ type hub struct {
 	quit             chan struct{}  // closed by stop: the janitor and the store end
 	background       sync.WaitGroup // the janitor and the store
 	batches          sync.Pool      // of *[]byte, lent to WebSocket writers while they write
+	claims           sync.Pool      // of *[]*subscriber, lent to publish
 }
 
 // stats counts what the daemon does, for /metrics.
@@ -543,6 +548,7 @@ func newHub(cfg config, log *slog.Logger) (*hub, error) {
 	}
 	h.hookCtx, h.cancelHooks = context.WithCancel(context.Background())
 	h.batches.New = func() any { return new([]byte) }
+	h.claims.New = func() any { return new([]*subscriber) }
 	h.mux = h.routes()
 	if cfg.stateFile != "" {
 		st, saved, err := openStore(cfg.stateFile, cfg.writeSynced, log, &h.stats)
@@ -735,10 +741,19 @@ func (h *hub) wait(ctx context.Context) error {
 }
 
 // publish hands a message to every subscriber of the channel, or keeps it
-// for the next one when there is none. A subscriber whose queue is full is
-// disconnected, never waited for.
+// for the next one when there is none. A subscriber with nothing queued and
+// no write under way is written to here, by the publisher (offer); the
+// others get it queued for their writer. A subscriber whose queue is full
+// is disconnected, never waited for. publish returns once the direct
+// writes are done, so that fan-outs of one channel do not overlap.
 func (h *hub) publish(ch *channel, m *message) (subscribers int, queued, ok bool) {
 	var slow []*subscriber
+	claims := h.claims.Get().(*[]*subscriber)
+	defer func() {
+		clear(*claims)
+		*claims = (*claims)[:0]
+		h.claims.Put(claims)
+	}()
 	ch.mu.Lock()
 	if ch.deleted {
 		ch.mu.Unlock()
@@ -747,9 +762,14 @@ func (h *hub) publish(ch *channel, m *message) (subscribers int, queued, ok bool
 	ch.lastID++
 	m.id, ch.lastActive = ch.lastID, m.at
 	for i := 0; i < len(ch.subscribers); i++ {
-		if s := ch.subscribers[i]; s.enqueue(m) {
+		s := ch.subscribers[i]
+		switch s.offer(m) {
+		case claimed:
+			*claims = append(*claims, s)
 			subscribers++
-		} else {
+		case enqueued:
+			subscribers++
+		case full:
 			ch.removeLocked(s) // once: a concurrent publish does not see it again
 			slow = append(slow, s)
 			i-- // the last subscriber took its place
@@ -760,6 +780,7 @@ func (h *hub) publish(ch *channel, m *message) (subscribers int, queued, ok bool
 		ch.keep(kept{m, !queued}, h.cfg.backlog, &h.stats)
 	}
 	ch.mu.Unlock()
+	h.writeDirect(*claims, m)
 
 	h.stats.published.Add(1)
 	switch {
@@ -774,6 +795,33 @@ func (h *hub) publish(ch *channel, m *message) (subscribers int, queued, ok bool
 		s.stop(farewell{closePolicyViolation, "too slow: send queue full", false, true})
 	}
 	return subscribers, queued, true
+}
+
+// writeDirect writes m to the subscribers a publish claimed, split over
+// the cores when there are many.
+func (h *hub) writeDirect(claimed []*subscriber, m *message) {
+	parts := min(runtime.GOMAXPROCS(0), len(claimed)/directShare)
+	if parts <= 1 {
+		h.stats.delivered.Add(writeEach(claimed, m))
+		return
+	}
+	per := (len(claimed) + parts - 1) / parts
+	var wg sync.WaitGroup
+	for part := range slices.Chunk(claimed[per:], per) {
+		wg.Go(func() { h.stats.delivered.Add(writeEach(part, m)) })
+	}
+	h.stats.delivered.Add(writeEach(claimed[:per], m))
+	wg.Wait()
+}
+
+func writeEach(claimed []*subscriber, m *message) int64 {
+	var whole int64
+	for _, s := range claimed {
+		if s.writeClaimed(m) {
+			whole++
+		}
+	}
+	return whole
 }
 
 // keep adds a message to the backlog, dropping the oldest beyond limit.
@@ -1499,15 +1547,18 @@ type subscriber struct {
 	fromBacklog []*message // what join handed over from the backlog, under ch.mu
 
 	mu          sync.Mutex
-	peer        peer       // set when serving starts
-	queue       []*message // waiting for the writer
-	pong        []byte     // payload of a ping to answer, nil if none
-	pingDue     bool       // time to ping (SSE: to send a heartbeat)
-	writing     int        // messages the writer has taken: they count against sendQueue
-	bye         farewell   // set once, by stop
-	sendUntil   time.Time  // set by stop: no message starts after it
-	closeBy     time.Time  // set by stop: every write ends by then
-	broken      bool       // a write failed: the stream may hold half a frame
+	peer        peer        // set when serving starts
+	out         *frameBatch // a WebSocket over TCP: publishers may write to it (offer)
+	queue       []*message  // waiting for the writer
+	rest        []byte      // of a frame a publisher began: written first, counts as a message
+	busy        bool        // a write is under way, by the writer or a publisher
+	pong        []byte      // payload of a ping to answer, nil if none
+	pingDue     bool        // time to ping (SSE: to send a heartbeat)
+	writing     int         // messages the writer has taken: they count against sendQueue
+	bye         farewell    // set once, by stop
+	sendUntil   time.Time   // set by stop: no message starts after it
+	closeBy     time.Time   // set by stop: every write ends by then
+	broken      bool        // a write failed: the stream may hold half a frame
 	hookQueue   []hookItem
 	hookRunning bool
 	hookBytes   int    // of the bodies in hookQueue
@@ -1539,6 +1590,11 @@ func (h *hub) newSubscriber(ch *channel, transport string) *subscriber {
 // and its buffers, ends at the upgrade instead of living as long as the
 // connection.
 func (s *subscriber) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *frameBatch) {
+	if out.raw != nil {
+		s.mu.Lock()
+		s.out = out
+		s.mu.Unlock()
+	}
 	s.begin(wsPeer{ws, out})
 	go s.writeLoop()
 	go s.read(ws, conn)
@@ -1609,7 +1665,7 @@ func (s *subscriber) stop(bye farewell) {
 // subscriber is too far behind.
 func (s *subscriber) enqueue(m *message) bool {
 	s.mu.Lock()
-	if len(s.queue)+s.writing >= s.hub.cfg.sendQueue {
+	if !s.roomLocked() {
 		s.mu.Unlock()
 		return false
 	}
@@ -1617,6 +1673,74 @@ func (s *subscriber) enqueue(m *message) bool {
 	s.mu.Unlock()
 	s.signal()
 	return true
+}
+
+// roomLocked says whether one more message may wait: what is queued, what
+// the writer has taken and a frame begun count. The caller holds s.mu.
+func (s *subscriber) roomLocked() bool {
+	n := len(s.queue) + s.writing
+	if s.rest != nil {
+		n++
+	}
+	return n < s.hub.cfg.sendQueue
+}
+
+// What offer did with a message.
+const (
+	claimed  = iota // the publisher writes it (writeClaimed)
+	enqueued        // the writer will
+	full            // neither: the subscriber is too far behind
+)
+
+// offer is where a publisher, holding ch.mu, either claims the subscriber
+// to write m itself or queues m. It claims only a WebSocket over TCP with
+// nothing queued, no frame half written and no write under way, that is
+// not closing: then m is next on the wire whoever writes it, and nothing
+// else writes until writeClaimed ends the claim. This is the one place
+// that rule lives; the writer takes nothing while a claim holds (busy).
+func (s *subscriber) offer(m *message) int {
+	s.mu.Lock()
+	if s.out != nil && !s.busy && len(s.queue) == 0 && s.rest == nil && !s.broken && s.bye.code == 0 {
+		s.busy = true
+		s.mu.Unlock()
+		return claimed
+	}
+	if !s.roomLocked() {
+		s.mu.Unlock()
+		return full
+	}
+	s.queue = append(s.queue, m)
+	s.mu.Unlock()
+	s.signal()
+	return enqueued
+}
+
+// writeClaimed makes one write of m's frame that does not wait, then ends
+// the claim. What the kernel did not take is left for the writer, ahead of
+// anything queued since; it wakes the writer when that or anything else
+// waits. It says whether the whole frame went.
+func (s *subscriber) writeClaimed(m *message) bool {
+	n, err := s.out.now.write(s.out.raw, m.frame)
+	s.mu.Lock()
+	s.busy = false
+	switch {
+	case err != nil:
+		s.broken = true
+	case n < len(m.frame):
+		s.rest = m.frame[n:]
+	}
+	wake := s.rest != nil || len(s.queue) > 0 || s.pong != nil || s.pingDue || s.bye.code != 0
+	s.mu.Unlock()
+	if err != nil {
+		s.log.Debug("write failed", "err", err)
+		s.hub.stats.droppedGone.Add(1)
+		s.stop(farewell{closeGoingAway, "write failed", false, true})
+		return false
+	}
+	if wake {
+		s.signal()
+	}
+	return n == len(m.frame)
 }
 
 func (s *subscriber) signal() {
@@ -1803,21 +1927,29 @@ func (s *subscriber) writeLoop() {
 	var batch []*message
 	for range s.wake {
 		s.mu.Lock()
-		bye, ping, pong := s.bye, s.pingDue, s.pong
+		if s.busy { // a publisher writes: it wakes us when done
+			s.mu.Unlock()
+			continue
+		}
+		bye, ping, pong, rest := s.bye, s.pingDue, s.pong, s.rest
 		batch, s.queue = s.queue, batch[:0]
 		s.writing = len(batch)
+		if rest != nil {
+			s.writing++
+		}
+		s.busy, s.rest = true, nil
 		s.pingDue, s.pong = false, nil
 		s.mu.Unlock()
 		if bye.code != 0 {
-			s.finish(bye, batch)
+			s.finish(bye, batch, rest) // busy stays: nobody writes after the goodbye
 			return
 		}
 		if ping {
 			pinger.Reset(interval)
 		}
-		err := s.write(batch, pong, ping)
+		err := s.write(batch, rest, pong, ping)
 		s.mu.Lock()
-		s.writing = 0
+		s.writing, s.busy = 0, false
 		s.mu.Unlock()
 		if err != nil {
 			s.log.Debug("write failed", "err", err)
@@ -1827,15 +1959,19 @@ func (s *subscriber) writeLoop() {
 	}
 }
 
-// write sends a ping, a pong and the messages of batch, each write within
-// writeWait (or by closeBy, once stopping). Once stopping it starts no
-// message after sendUntil; what it leaves out is counted as dropped. A
-// failed write marks the stream broken: nothing more is written to it.
-func (s *subscriber) write(batch []*message, pong []byte, ping bool) (err error) {
-	if len(batch) == 0 && pong == nil && !ping {
+// write sends the rest of a frame a publisher began, a ping, a pong and
+// the messages of batch, each write within writeWait (or by closeBy, once
+// stopping). Once stopping it starts no message after sendUntil; what it
+// leaves out is counted as dropped. A failed write marks the stream
+// broken: nothing more is written to it.
+func (s *subscriber) write(batch []*message, rest, pong []byte, ping bool) (err error) {
+	if len(batch) == 0 && rest == nil && pong == nil && !ping {
 		return nil
 	}
-	sent := 0
+	total, sent := len(batch), 0
+	if rest != nil {
+		total++ // the message it ends
+	}
 	defer func() {
 		if err != nil {
 			s.mu.Lock()
@@ -1843,8 +1979,16 @@ func (s *subscriber) write(batch []*message, pong []byte, ping bool) (err error)
 			s.mu.Unlock()
 			sent = 0 // the last of them may be cut, and nothing tells how many the peer has
 		}
-		s.countDropped(len(batch) - sent)
+		s.countDropped(total - sent)
 	}()
+	if rest != nil {
+		s.out.gather()
+		if _, err := s.out.Write(rest); err != nil {
+			s.out.end(false)
+			return err
+		}
+		sent++
+	}
 	if s.transport == "sse" { // a WebSocket's frameBatch arms only before a write that would block
 		if err := s.armWrite(writeWait); err != nil {
 			return err
@@ -1901,19 +2045,22 @@ func (s *subscriber) countDropped(n int) {
 // finish says goodbye: what is still queued when the close is orderly, then
 // the close frame (SSE: a close event); then it lets a WebSocket's reader
 // wait briefly for the peer's close frame.
-// finish says goodbye: what is still queued when the close is orderly (as
-// much as starts before sendUntil), then the close frame (SSE: a close
+// finish says goodbye: the end of a frame a publisher began, what is
+// still queued when the close is orderly (as much as starts before
+// sendUntil), then the close frame (SSE: a close
 // event); then it lets a WebSocket's reader wait briefly for the peer's
 // close frame, or not at all when the stream is broken: nothing can follow
 // half a frame.
-func (s *subscriber) finish(bye farewell, batch []*message) {
+func (s *subscriber) finish(bye farewell, batch []*message, rest []byte) {
 	s.mu.Lock()
 	batch = append(batch, s.queue...) // stop has taken s out of the channel: nothing more comes
 	s.queue = nil
 	s.mu.Unlock()
 	if !bye.drain {
 		s.countDropped(len(batch))
-	} else if err := s.write(batch, nil, false); err != nil {
+		batch = nil // only the frame under way ends
+	}
+	if err := s.write(batch, rest, nil, false); err != nil {
 		s.log.Debug("final flush", "err", err)
 	}
 	err := s.armWrite(closeGrace)

@@ -27,6 +27,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -3485,5 +3486,114 @@ func TestTooSlowReaderGetsItsCloseWithinAGrace(t *testing.T) {
 	}
 	if most := slowReadRate / size; after > most {
 		t.Errorf("%d messages after the drop, want at most %d (a second of reading)", after, most)
+	}
+}
+
+// ---- Publishers that write ----
+
+// frameReader reads a server's frames from any goroutine: it returns
+// errors instead of failing the test.
+type frameReader struct {
+	conn net.Conn
+	br   *bufio.Reader
+}
+
+// messages reads n text messages, answering nothing (no ping comes within
+// the test).
+func (r frameReader) messages(n int) ([]string, error) {
+	var got []string
+	for len(got) < n {
+		if err := r.conn.SetReadDeadline(time.Now().Add(waitTimeout)); err != nil {
+			return got, err
+		}
+		var hdr [2]byte
+		if _, err := io.ReadFull(r.br, hdr[:]); err != nil {
+			return got, fmt.Errorf("after %d messages: %w", len(got), err)
+		}
+		length := uint64(hdr[1] & 0x7f)
+		if length >= 126 {
+			ext := make([]byte, 2)
+			if length == 127 {
+				ext = make([]byte, 8)
+			}
+			if _, err := io.ReadFull(r.br, ext); err != nil {
+				return got, err
+			}
+			length = 0
+			for _, x := range ext {
+				length = length<<8 | uint64(x)
+			}
+		}
+		payload := make([]byte, length)
+		if _, err := io.ReadFull(r.br, payload); err != nil {
+			return got, err
+		}
+		if hdr[0] != 0x80|websocket.TextFrame {
+			return got, fmt.Errorf("after %d messages: frame % x", len(got), hdr)
+		}
+		got = append(got, string(payload))
+	}
+	return got, nil
+}
+
+func TestPublishersWriteDirectlyWithoutReorderingOrCutting(t *testing.T) {
+	const publishers, each, size = 4, 150, 16 << 10 // 9.6 MB: more than the kernel holds for one subscriber
+	d := startDaemon(t, "-log-level", "2")
+	ch := d.prepare("")
+	// One subscriber reads at once, one slowly, one only after every
+	// publish: the kernel's buffers for the last two fill, so publishers'
+	// writes stop in the middle of frames, and the writers finish them
+	// while more publishes arrive.
+	fast, slow, paused := d.dial(ch.SubscriberToken), d.dialSlow(ch.SubscriberToken), d.dial(ch.SubscriberToken)
+	type result struct {
+		got []string
+		err error
+	}
+	readers := []chan result{make(chan result, 1), make(chan result, 1)}
+	for i, c := range []*wsClient{fast, slow} {
+		go func() {
+			got, err := frameReader{c.conn, c.br}.messages(publishers * each)
+			readers[i] <- result{got, err}
+		}()
+	}
+	var wg sync.WaitGroup
+	failed := make(chan error, publishers)
+	pad := strings.Repeat("x", size)
+	for p := range publishers {
+		wg.Go(func() {
+			for i := range each {
+				r, err := d.tryPublish(ch.PublisherToken, fmt.Sprintf("%d:%d:%s", p, i, pad))
+				if err == nil && r.Subscribers != 3 {
+					err = fmt.Errorf("publish %d:%d handed to %d subscribers", p, i, r.Subscribers)
+				}
+				if err != nil {
+					failed <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(failed)
+	for err := range failed {
+		t.Fatal(err)
+	}
+	got, err := frameReader{paused.conn, paused.br}.messages(publishers * each)
+	all := []result{recv(t, readers[0], "the fast reader"), recv(t, readers[1], "the slow reader"), {got, err}}
+	for i, r := range all {
+		if r.err != nil {
+			t.Fatalf("subscriber %d: %v", i, r.err)
+		}
+		next := make([]int, publishers) // each publisher's messages arrive in its order
+		for _, m := range r.got {
+			var p, n int
+			if _, err := fmt.Sscanf(m, "%d:%d:", &p, &n); err != nil || p < 0 || p >= publishers || n != next[p] || !strings.HasSuffix(m, ":"+pad) {
+				t.Fatalf("subscriber %d: got %.16q (%d bytes) after %v", i, m, len(m), next)
+			}
+			next[p]++
+		}
+		if !slices.Equal(r.got, all[0].got) {
+			t.Errorf("subscriber %d got the messages in another order than subscriber 0", i)
+		}
 	}
 }
