@@ -3597,3 +3597,43 @@ func TestPublishersWriteDirectlyWithoutReorderingOrCutting(t *testing.T) {
 		}
 	}
 }
+
+func TestOfferClaimsOnlyASubscriberWithNothingUnderWay(t *testing.T) {
+	d := startDaemon(t, "-log-level", "2")
+	ch := d.hub.byPublisherToken(d.prepare("").PublisherToken)
+	m := textMessage([]byte("m"))
+	for _, tc := range []struct {
+		name  string
+		state func(s *subscriber)
+		want  int
+	}{
+		{"idle WebSocket over TCP", func(*subscriber) {}, claimed},
+		{"SSE or TLS: no direct way out", func(s *subscriber) { s.out = nil }, enqueued},
+		{"a write under way", func(s *subscriber) { s.busy = true }, enqueued},
+		{"messages queued", func(s *subscriber) { s.queue = []*message{m} }, enqueued},
+		{"a frame half written", func(s *subscriber) { s.rest = m.frame[1:] }, enqueued},
+		{"a write failed", func(s *subscriber) { s.broken = true }, enqueued},
+		{"closing", func(s *subscriber) { s.bye = farewell{code: closeNormal} }, enqueued},
+		{"queue full", func(s *subscriber) { s.queue = make([]*message, d.hub.cfg.sendQueue) }, full},
+		{"queue full with the writer's batch", func(s *subscriber) { s.busy, s.writing = true, d.hub.cfg.sendQueue }, full},
+		{"queue full with a half-written frame", func(s *subscriber) {
+			s.queue, s.rest = make([]*message, d.hub.cfg.sendQueue-1), m.frame[1:]
+		}, full},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := d.hub.newSubscriber(ch, "websocket")
+			s.out = &frameBatch{}
+			tc.state(s)
+			queued := len(s.queue)
+			if got := s.offer(m); got != tc.want {
+				t.Fatalf("offer: %d, want %d (claimed %d, enqueued %d, full %d)", got, tc.want, claimed, enqueued, full)
+			}
+			if tc.want == claimed && !s.busy {
+				t.Error("claimed without marking the write under way")
+			}
+			if tc.want == enqueued && len(s.queue) != queued+1 {
+				t.Errorf("queue %d, want %d", len(s.queue), queued+1)
+			}
+		})
+	}
+}
