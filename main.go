@@ -790,7 +790,7 @@ func (h *hub) publish(ch *channel, m *message) (subscribers int, queued, ok bool
 		h.stats.droppedNoSubscriber.Add(1)
 	}
 	for _, s := range slow {
-		s.log.Warn("subscriber too slow: disconnected", "queued", h.cfg.sendQueue)
+		s.log().Warn("subscriber too slow: disconnected", "queued", h.cfg.sendQueue)
 		h.stats.slowDisconnects.Add(1)
 		s.stop(farewell{closePolicyViolation, "too slow: send queue full", false, true})
 	}
@@ -1540,7 +1540,6 @@ type subscriber struct {
 	hub       *hub
 	ch        *channel
 	transport string // "websocket" or "sse"
-	log       *slog.Logger
 
 	index       int        // in ch.subscribers, guarded by ch.mu; -1 once removed
 	joined      bool       // set by join, under ch.mu: stop reports a disconnect only then
@@ -1565,10 +1564,11 @@ type subscriber struct {
 	hookDropped bool   // a drop was logged; cleared once the queue drains
 	hookSeq     uint64 // items queued for the hook, for delivery ids
 
-	wake     chan struct{} // the writer has something to do
-	stopping atomic.Bool   // stop has run: the writer checks sendUntil between messages
+	writer   bool        // a writer goroutine runs (or has said goodbye), under mu
+	pinger   *time.Timer // sets pingDue every interval
+	stopping atomic.Bool // stop has run: the writer checks sendUntil between messages
 	stopOnce sync.Once
-	done     chan struct{} // closed when the writer has finished
+	done     chan struct{} // closed when the writer has said goodbye
 }
 
 func (h *hub) newSubscriber(ch *channel, transport string) *subscriber {
@@ -1578,25 +1578,31 @@ func (h *hub) newSubscriber(ch *channel, transport string) *subscriber {
 		hub:       h,
 		ch:        ch,
 		transport: transport,
-		log:       h.log.With("channel", fingerprint(ch.subscriberToken), "subscriber", id, "transport", transport),
 		index:     -1,
-		wake:      make(chan struct{}, 1),
 		done:      make(chan struct{}),
 	}
 }
 
-// serveWebSocket starts the reader and the writer of an upgraded
-// subscriber and returns: net/http's handler goroutine, with its deep stack
-// and its buffers, ends at the upgrade instead of living as long as the
-// connection.
+// log is the subscriber's logger, built when it logs: most never do.
+func (s *subscriber) log() *slog.Logger {
+	return s.hub.log.With("channel", fingerprint(s.ch.subscriberToken), "subscriber", s.id, "transport", s.transport)
+}
+
+// debugging says whether debug lines are logged, for those a subscriber
+// logs in any case (connected, disconnected).
+func (s *subscriber) debugging() bool {
+	return s.hub.log.Enabled(context.Background(), slog.LevelDebug)
+}
+
+// serveWebSocket starts the reader of an upgraded subscriber and returns:
+// net/http's handler goroutine, with its deep stack and its buffers, ends
+// at the upgrade instead of living as long as the connection.
 func (s *subscriber) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *frameBatch) {
-	if out.raw != nil {
-		s.mu.Lock()
-		s.out = out
-		s.mu.Unlock()
+	direct := out
+	if out.raw == nil {
+		direct = nil // TLS: publishers cannot write to it at once
 	}
-	s.begin(wsPeer{ws, out})
-	go s.writeLoop()
+	s.begin(wsPeer{ws, out}, direct)
 	go s.read(ws, conn)
 }
 
@@ -1607,27 +1613,61 @@ func (s *subscriber) read(ws *websocket.Conn, conn net.Conn) {
 	s.stop(s.readLoop(ws))
 	<-s.done
 	if err := conn.Close(); err != nil {
-		s.log.Debug("close", "err", err)
+		s.log().Debug("close", "err", err)
 	}
-	s.log.Debug("subscriber disconnected", "code", s.bye.code, "reason", s.bye.reason)
+	if s.debugging() {
+		s.log().Debug("subscriber disconnected", "code", s.bye.code, "reason", s.bye.reason)
+	}
 }
 
 // serveSSE is the life of an SSE subscriber, run by the handler goroutine,
 // which writes: an event stream has nothing to read.
 func (s *subscriber) serveSSE(p *ssePeer) {
-	s.begin(p)
-	s.writeLoop()
-	s.log.Debug("subscriber disconnected", "reason", s.bye.reason)
+	s.begin(p, nil)
+	<-s.done
+	if s.debugging() {
+		s.log().Debug("subscriber disconnected", "reason", s.bye.reason)
+	}
 }
 
-func (s *subscriber) begin(p peer) {
+// begin lets writes start: a writer runs when there is something to write
+// (what join took from the backlog, a ping every interval). out is set
+// for a WebSocket over TCP, which publishers may write to.
+func (s *subscriber) begin(p peer, out *frameBatch) {
 	s.mu.Lock()
-	s.peer = p
+	s.peer, s.out = p, out
+	s.pinger = time.AfterFunc(s.pingInterval(), s.pingNow)
+	start := s.wakeLocked()
 	s.mu.Unlock()
+	if start {
+		go s.writeLoop()
+	}
 	s.ch.mu.Lock()
 	s.fromBacklog = nil // only unjoin needed it
 	s.ch.mu.Unlock()
-	s.log.Debug("subscriber connected")
+	if s.debugging() {
+		s.log().Debug("subscriber connected")
+	}
+}
+
+// pingInterval is how often the writer pings (SSE: a comment line, often
+// enough that proxies, nginx after 60 s, keep an idle stream open).
+func (s *subscriber) pingInterval() time.Duration {
+	if s.transport == "sse" {
+		return min(s.hub.cfg.pingInterval, sseHeartbeat)
+	}
+	return s.hub.cfg.pingInterval
+}
+
+// pingNow is the pinger's: time to ping.
+func (s *subscriber) pingNow() {
+	s.mu.Lock()
+	s.pingDue = true
+	start := s.wakeLocked()
+	s.mu.Unlock()
+	if start {
+		go s.writeLoop()
+	}
 }
 
 // stop ends the subscriber once: it leaves the channel at once, so that
@@ -1650,7 +1690,7 @@ func (s *subscriber) stop(bye farewell) {
 		s.stopping.Store(true)
 		if s.peer != nil && !s.broken {
 			if err := s.peer.setWriteDeadline(s.closeBy); err != nil {
-				s.log.Debug("set write deadline", "err", err)
+				s.log().Debug("set write deadline", "err", err)
 			}
 		}
 		s.mu.Unlock()
@@ -1670,8 +1710,11 @@ func (s *subscriber) enqueue(m *message) bool {
 		return false
 	}
 	s.queue = append(s.queue, m)
+	start := s.wakeLocked()
 	s.mu.Unlock()
-	s.signal()
+	if start {
+		go s.writeLoop()
+	}
 	return true
 }
 
@@ -1710,8 +1753,11 @@ func (s *subscriber) offer(m *message) int {
 		return full
 	}
 	s.queue = append(s.queue, m)
+	start := s.wakeLocked()
 	s.mu.Unlock()
-	s.signal()
+	if start {
+		go s.writeLoop()
+	}
 	return enqueued
 }
 
@@ -1729,24 +1775,43 @@ func (s *subscriber) writeClaimed(m *message) bool {
 	case n < len(m.frame):
 		s.rest = m.frame[n:]
 	}
-	wake := s.rest != nil || len(s.queue) > 0 || s.pong != nil || s.pingDue || s.bye.code != 0
+	start := s.wakeLocked()
 	s.mu.Unlock()
+	if start {
+		go s.writeLoop()
+	}
 	if err != nil {
-		s.log.Debug("write failed", "err", err)
+		s.log().Debug("write failed", "err", err)
 		s.hub.stats.droppedGone.Add(1)
 		s.stop(farewell{closeGoingAway, "write failed", false, true})
 		return false
 	}
-	if wake {
-		s.signal()
-	}
 	return n == len(m.frame)
 }
 
+// wakeLocked says whether a writer goroutine is to start, and marks it
+// started: when there is something to write, none runs, no publisher
+// writes (its writeClaimed wakes one after) and serving has begun. The
+// caller holds s.mu and starts writeLoop when told to.
+func (s *subscriber) wakeLocked() bool {
+	if s.writer || s.busy || s.peer == nil || !s.hasWorkLocked() {
+		return false
+	}
+	s.writer = true
+	return true
+}
+
+func (s *subscriber) hasWorkLocked() bool {
+	return s.bye.code != 0 || s.pingDue || s.pong != nil || s.rest != nil || len(s.queue) > 0
+}
+
+// signal starts a writer if there is something to write and none runs.
 func (s *subscriber) signal() {
-	select {
-	case s.wake <- struct{}{}:
-	default:
+	s.mu.Lock()
+	start := s.wakeLocked()
+	s.mu.Unlock()
+	if start {
+		go s.writeLoop()
 	}
 }
 
@@ -1831,7 +1896,7 @@ func (s *subscriber) extendReadDeadline() {
 		return
 	}
 	if err := s.peer.setReadDeadline(time.Now().Add(2 * s.hub.cfg.pingInterval)); err != nil {
-		s.log.Debug("set read deadline", "err", err)
+		s.log().Debug("set read deadline", "err", err)
 	}
 }
 
@@ -1905,31 +1970,20 @@ func isTimeout(err error) bool {
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
-// writeLoop is the only writer to the peer: queued messages, pongs, pings
-// (SSE: heartbeats) every interval, and the goodbye at the end. Everything
-// it is to do arrives through one channel, wake, and is read under one lock:
-// cheaper per message than a select over several channels.
+// writeLoop is the writer: it runs while there is something to write
+// that no publisher writes (queued messages, the rest of a frame a
+// publisher began, pongs, pings or SSE heartbeats, the goodbye), one at a
+// time (wakeLocked), and ends when nothing is left, so that an idle
+// subscriber has no goroutine for writing. After the goodbye none starts
+// again.
 func (s *subscriber) writeLoop() {
-	defer close(s.done)
-	interval := s.hub.cfg.pingInterval
-	if s.transport == "sse" {
-		// A comment line often enough that proxies (nginx: 60 s) keep an
-		// idle stream open.
-		interval = min(interval, sseHeartbeat)
-	}
-	pinger := time.AfterFunc(interval, func() {
-		s.mu.Lock()
-		s.pingDue = true
-		s.mu.Unlock()
-		s.signal()
-	})
-	defer pinger.Stop()
 	var batch []*message
-	for range s.wake {
+	for {
 		s.mu.Lock()
-		if s.busy { // a publisher writes: it wakes us when done
+		if s.busy || !s.hasWorkLocked() { // busy: a publisher writes, and wakes a writer after
+			s.writer = false
 			s.mu.Unlock()
-			continue
+			return
 		}
 		bye, ping, pong, rest := s.bye, s.pingDue, s.pong, s.rest
 		batch, s.queue = s.queue, batch[:0]
@@ -1941,18 +1995,20 @@ func (s *subscriber) writeLoop() {
 		s.pingDue, s.pong = false, nil
 		s.mu.Unlock()
 		if bye.code != 0 {
-			s.finish(bye, batch, rest) // busy stays: nobody writes after the goodbye
+			s.pinger.Stop()
+			s.finish(bye, batch, rest) // busy and writer stay: nobody writes after the goodbye
+			close(s.done)
 			return
 		}
 		if ping {
-			pinger.Reset(interval)
+			s.pinger.Reset(s.pingInterval())
 		}
 		err := s.write(batch, rest, pong, ping)
 		s.mu.Lock()
 		s.writing, s.busy = 0, false
 		s.mu.Unlock()
 		if err != nil {
-			s.log.Debug("write failed", "err", err)
+			s.log().Debug("write failed", "err", err)
 			s.stop(farewell{closeGoingAway, "write failed", false, true})
 		}
 		clear(batch)
@@ -2061,14 +2117,14 @@ func (s *subscriber) finish(bye farewell, batch []*message, rest []byte) {
 		batch = nil // only the frame under way ends
 	}
 	if err := s.write(batch, rest, nil, false); err != nil {
-		s.log.Debug("final flush", "err", err)
+		s.log().Debug("final flush", "err", err)
 	}
 	err := s.armWrite(closeGrace)
 	if err == nil {
 		err = s.peer.goodbye(bye)
 	}
 	if err != nil {
-		s.log.Debug("write goodbye", "err", err)
+		s.log().Debug("write goodbye", "err", err)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -2077,7 +2133,7 @@ func (s *subscriber) finish(bye farewell, batch []*message, rest []byte) {
 		end = end.Add(closeGrace)
 	}
 	if err := s.peer.setReadDeadline(end); err != nil {
-		s.log.Debug("set read deadline", "err", err)
+		s.log().Debug("set read deadline", "err", err)
 	}
 }
 
@@ -2413,7 +2469,7 @@ func (s *subscriber) presence(event string, listeners int, bye *farewell, target
 	}
 	body, err := json.Marshal(e)
 	if err != nil {
-		s.log.Error("encode presence event", "err", err)
+		s.log().Error("encode presence event", "err", err)
 		return
 	}
 	s.push(target, "application/json", event, body)
@@ -2425,7 +2481,7 @@ func (s *subscriber) presence(event string, listeners int, bye *farewell, target
 func (s *subscriber) push(target, contentType, event string, body []byte) {
 	if target == "" {
 		s.hub.stats.hookNoHook.Add(1)
-		s.log.Debug("frame dropped: channel has no hook", "bytes", len(body))
+		s.log().Debug("frame dropped: channel has no hook", "bytes", len(body))
 		return
 	}
 	s.mu.Lock()
@@ -2433,7 +2489,7 @@ func (s *subscriber) push(target, contentType, event string, body []byte) {
 	if len(s.hookQueue) >= hookQueueLimit || s.hookBytes+len(body) > hookQueueBytes && len(s.hookQueue) > 0 {
 		s.hub.stats.hookQueueFull.Add(1)
 		if !s.hookDropped {
-			s.log.Warn("hook queue full: dropping frames until it drains", "queued", len(s.hookQueue))
+			s.log().Warn("hook queue full: dropping frames until it drains", "queued", len(s.hookQueue))
 			s.hookDropped = true
 		}
 		return
@@ -2467,7 +2523,7 @@ func (s *subscriber) deliverHooks() {
 		s.mu.Unlock()
 		if err := s.hub.deliver(item); err != nil {
 			s.hub.stats.hookFailed.Add(1)
-			s.log.Warn("hook delivery failed; frame dropped", "err", err)
+			s.log().Warn("hook delivery failed; frame dropped", "err", err)
 		} else {
 			s.hub.stats.hookDelivered.Add(1)
 		}
@@ -3177,7 +3233,12 @@ func listen(cfg config, srv *http.Server) (net.Listener, error) {
 			return nil, fmt.Errorf("load TLS certificate: %w", err)
 		}
 	}
-	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.bind, strconv.Itoa(cfg.port)))
+	// No TCP keepalive: WebSocket subscribers are pinged and SSE streams
+	// send heartbeats, which find a vanished peer sooner, and admin
+	// connections end after -idle-timeout. It would cost four system calls
+	// per connection and find nothing.
+	lc := net.ListenConfig{KeepAlive: -1}
+	ln, err := lc.Listen(context.Background(), "tcp", net.JoinHostPort(cfg.bind, strconv.Itoa(cfg.port)))
 	if err != nil {
 		return nil, fmt.Errorf("listen: %w", err)
 	}

@@ -3060,8 +3060,7 @@ func BenchmarkPublish(b *testing.B) {
 			for range n {
 				s := h.newSubscriber(ch, "websocket")
 				h.join(ch, s, false, 0)
-				s.begin(discardPeer{})
-				go s.writeLoop()
+				s.begin(discardPeer{}, nil)
 			}
 			data := []byte(strings.Repeat("x", 64))
 			b.ReportAllocs()
