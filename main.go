@@ -107,6 +107,10 @@ const (
 	// kernel memory, not 4 GB. 512 KiB in flight still carry 40 Mbit/s to
 	// a peer 100 ms away.
 	sendBufferBytes = 256 << 10
+	// refusalLogEvery spaces the log lines of refused browser origins: a
+	// browser hides the 403 from its page, so the log is where a developer
+	// looks, and one line per 10 s with a count keeps a flood off the disk.
+	refusalLogEvery = 10 * time.Second
 )
 
 type config struct {
@@ -203,12 +207,12 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	fs.DurationVar(&cfg.idleTimeout, "idle-timeout", 2*time.Minute, "how long an idle keep-alive connection stays open")
 	fs.DurationVar(&cfg.hook.timeout, "hook-timeout", 5*time.Second, "time a hook has to answer one POST")
 	fs.StringVar(&cfg.hookSecret, "hook-secret", "", "sign every hook request with HMAC-SHA256 under this secret (better set as "+envName("hook-secret")+")")
-	fs.BoolVar(&cfg.hookEvents, "hook-events", false, "also POST a JSON event to the hook when a subscriber connects or disconnects")
+	fs.Var((*onOff)(&cfg.hookEvents), "hook-events", "also POST a JSON event to the hook when a subscriber connects or disconnects")
 	fs.StringVar(&cfg.stateFile, "state-file", "", "keep the channels in this file so that they survive restarts (default: in memory only)")
 	fs.IntVar(&cfg.backlog, "backlog", 100, "messages kept per channel while it has no subscriber, for the next one (0-1000)")
 	fs.DurationVar(&cfg.backlogTTL, "backlog-ttl", time.Minute, "how long a kept message waits for a subscriber")
 	fs.DurationVar(&cfg.channelTTL, "channel-ttl", 0, "delete a channel after this long without subscriber or publish (0: never)")
-	fs.BoolVar(&showVersion, "version", false, "print the version and exit")
+	fs.Var((*onOff)(&showVersion), "version", "print the version and exit")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: gockets [flags]\n\nEvery flag can also be set in the environment: -ping-interval as %s.\n\nFlags:\n", envName("ping-interval"))
 		fs.PrintDefaults()
@@ -285,6 +289,25 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 func inRange[T int | int64 | time.Duration](name string, v, lo, hi T) error {
 	if v < lo || v > hi {
 		return fmt.Errorf("%s %v is out of range: use %v to %v", name, v, lo, hi)
+	}
+	return nil
+}
+
+// onOff is a boolean flag that also takes the yes/no and on/off of
+// environment files, besides Go's true/false, 1/0 and t/f.
+type onOff bool
+
+func (b *onOff) String() string   { return strconv.FormatBool(bool(*b)) }
+func (b *onOff) IsBoolFlag() bool { return true }
+
+func (b *onOff) Set(s string) error {
+	switch strings.ToLower(s) {
+	case "1", "t", "true", "y", "yes", "on":
+		*b = true
+	case "0", "f", "false", "n", "no", "off":
+		*b = false
+	default:
+		return errors.New("not a boolean: use true or false, yes or no, on or off, 1 or 0")
 	}
 	return nil
 }
@@ -446,6 +469,28 @@ type hub struct {
 	background       sync.WaitGroup // the janitor and the store
 	batches          sync.Pool      // of *[]byte, lent to WebSocket writers while they write
 	claims           sync.Pool      // of *[]*subscriber, lent to publish
+	refusedOrigins   logLimit       // spaces the log lines of refused origins
+}
+
+// logLimit lets a log line that clients can cause at will through at most
+// once per interval, and counts the ones it held back.
+type logLimit struct {
+	mu         sync.Mutex
+	last       time.Time
+	suppressed int
+}
+
+// allow says whether to log now and, if so, how many lines were held back
+// since the last one.
+func (l *logLimit) allow(now time.Time, interval time.Duration) (ok bool, suppressed int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.last.IsZero() && now.Sub(l.last) < interval {
+		l.suppressed++
+		return false, 0
+	}
+	suppressed, l.last, l.suppressed = l.suppressed, now, 0
+	return true, suppressed
 }
 
 // stats counts what the daemon does, for /metrics.
@@ -2436,6 +2481,15 @@ type hookItem struct {
 	body        []byte
 }
 
+// what names the item for the log: "message", "connect event" or
+// "disconnect event".
+func (item hookItem) what() string {
+	if item.event != "" {
+		return item.event + " event"
+	}
+	return "message"
+}
+
 // forward queues a message from the subscriber for the channel's hook.
 func (s *subscriber) forward(body []byte, binary bool) {
 	contentType := "text/plain; charset=utf-8"
@@ -2481,7 +2535,7 @@ func (s *subscriber) presence(event string, listeners int, bye *farewell, target
 func (s *subscriber) push(target, contentType, event string, body []byte) {
 	if target == "" {
 		s.hub.stats.hookNoHook.Add(1)
-		s.log().Debug("frame dropped: channel has no hook", "bytes", len(body))
+		s.log().Debug("message dropped: channel has no hook", "bytes", len(body))
 		return
 	}
 	s.mu.Lock()
@@ -2489,7 +2543,7 @@ func (s *subscriber) push(target, contentType, event string, body []byte) {
 	if len(s.hookQueue) >= hookQueueLimit || s.hookBytes+len(body) > hookQueueBytes && len(s.hookQueue) > 0 {
 		s.hub.stats.hookQueueFull.Add(1)
 		if !s.hookDropped {
-			s.log().Warn("hook queue full: dropping frames until it drains", "queued", len(s.hookQueue))
+			s.log().Warn("hook queue full: dropping messages and presence events until it drains", "queued", len(s.hookQueue))
 			s.hookDropped = true
 		}
 		return
@@ -2523,7 +2577,7 @@ func (s *subscriber) deliverHooks() {
 		s.mu.Unlock()
 		if err := s.hub.deliver(item); err != nil {
 			s.hub.stats.hookFailed.Add(1)
-			s.log().Warn("hook delivery failed; frame dropped", "err", err)
+			s.log().Warn("hook delivery failed: "+item.what()+" dropped", "delivery_id", item.id, "err", err)
 		} else {
 			s.hub.stats.hookDelivered.Add(1)
 		}
@@ -2946,6 +3000,9 @@ func (h *hub) handleDelete(w http.ResponseWriter, r *http.Request) {
 func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	origin := r.Header.Get("Origin")
 	if !h.cfg.allowedOrigins.allow(origin) {
+		if ok, suppressed := h.refusedOrigins.allow(time.Now(), refusalLogEvery); ok {
+			h.log.Warn("subscriber refused: origin not in -allowed-origins", "origin", origin, "refused_since_last_line", suppressed)
+		}
 		reply(w, http.StatusForbidden, "ERR", "origin "+origin+" may not subscribe (see -allowed-origins)")
 		return
 	}
@@ -3207,7 +3264,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	h.start()
-	if addr, ok := ln.Addr().(*net.TCPAddr); ok && !addr.IP.IsLoopback() && cfg.adminToken == "" && len(cfg.adminAllow) == 0 {
+	if adminOpen(cfg, ln.Addr()) {
 		log.Warn("the admin API is open to anyone who can reach this port: set -admin-token or -admin-allow, or -bind 127.0.0.1", "addr", ln.Addr().String())
 	}
 	log.Info("gockets listening", "addr", ln.Addr().String(), "tls", cfg.tlsCert != "", "host_name", cfg.hostName, "ping_interval", cfg.pingInterval)
@@ -3222,6 +3279,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	log.Info("shutting down")
 	return shutdown(srv, h)
+}
+
+// adminOpen says whether the admin API answers anyone who can reach addr:
+// beyond loopback, with neither -admin-token nor -admin-allow.
+func adminOpen(cfg config, addr net.Addr) bool {
+	tcp, ok := addr.(*net.TCPAddr)
+	return ok && !tcp.IP.IsLoopback() && cfg.adminToken == "" && len(cfg.adminAllow) == 0
 }
 
 // listen opens -bind:-port, with TLS when -tls-cert is set.

@@ -838,7 +838,7 @@ func TestFramesWithoutHookAreDroppedAndLogged(t *testing.T) {
 	// frame before it has been dropped.
 	c.send(true, websocket.CloseFrame, closePayload(closeNormal))
 	c.expectClose(closeNormal)
-	if !strings.Contains(d.logs.String(), `level=DEBUG msg="frame dropped: channel has no hook"`) {
+	if !strings.Contains(d.logs.String(), `level=DEBUG msg="message dropped: channel has no hook"`) {
 		t.Errorf("no debug line for the dropped frame in:\n%s", d.logs)
 	}
 }
@@ -1134,7 +1134,7 @@ func TestLogLevels(t *testing.T) {
 	}
 }
 
-// runDaemon starts run() with args and -port 0, and returns its address,
+// runDaemon starts run() with args, -bind 127.0.0.1 and -port 0, and returns its address,
 // its log, and a function that stops it and returns what run returned.
 func runDaemon(t *testing.T, args ...string) (addr string, logs *addrWatcher, stop func() error) {
 	t.Helper()
@@ -1142,7 +1142,7 @@ func runDaemon(t *testing.T, args ...string) (addr string, logs *addrWatcher, st
 	logs = &addrWatcher{addr: make(chan string, 1)}
 	result := make(chan error, 1)
 	go func() {
-		result <- run(ctx, append([]string{"-port", "0"}, args...), func(string) string { return "" }, io.Discard, logs)
+		result <- run(ctx, append([]string{"-bind", "127.0.0.1", "-port", "0"}, args...), func(string) string { return "" }, io.Discard, logs)
 	}()
 	select {
 	case addr = <-logs.addr:
@@ -1607,7 +1607,7 @@ func TestHookRedirectsAreNotFollowedAndSpentFramesDropped(t *testing.T) {
 	if n := d.hub.stats.hookFailed.Load(); n != 2 {
 		t.Errorf("%d frames dropped, want 2", n)
 	}
-	if !strings.Contains(d.logs.String(), `msg="hook delivery failed; frame dropped"`) || !strings.Contains(d.logs.String(), "attempt 3 of 3") {
+	if !strings.Contains(d.logs.String(), `msg="hook delivery failed: message dropped"`) || !strings.Contains(d.logs.String(), "attempt 3 of 3") {
 		t.Errorf("drops not logged:\n%s", d.logs)
 	}
 }
@@ -1756,7 +1756,7 @@ type process struct {
 
 func startProcess(t *testing.T, args ...string) *process {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], append([]string{"-port", "0", "-log-level", "3"}, args...)...)
+	cmd := exec.Command(os.Args[0], append([]string{"-bind", "127.0.0.1", "-port", "0", "-log-level", "3"}, args...)...)
 	// atexit_sleep_ms: under -race, do not linger a second after exiting.
 	cmd.Env = append(os.Environ(), "GOCKETS_TEST_RUN_MAIN=1", "GORACE=atexit_sleep_ms=0")
 	logs := &addrWatcher{addr: make(chan string, 1)}
@@ -1875,7 +1875,7 @@ func TestCorruptStateStopsTheDaemon(t *testing.T) {
 			if tc.journal != "" {
 				os.WriteFile(state+".journal", []byte(tc.journal), 0o600)
 			}
-			err := run(context.Background(), []string{"-port", "0", "-state-file", state}, func(string) string { return "" }, io.Discard, io.Discard)
+			err := run(context.Background(), []string{"-bind", "127.0.0.1", "-port", "0", "-state-file", state}, func(string) string { return "" }, io.Discard, io.Discard)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("run = %v, want an error containing %q", err, tc.want)
 			}
@@ -1893,7 +1893,7 @@ func TestCorruptStateStopsTheDaemon(t *testing.T) {
 
 func TestMissingStateStartsEmptyAndTornJournalLineIsIgnored(t *testing.T) {
 	dir := t.TempDir()
-	err := run(context.Background(), []string{"-port", "0", "-state-file", filepath.Join(dir, "no", "such", "dir", "s.json")}, func(string) string { return "" }, io.Discard, io.Discard)
+	err := run(context.Background(), []string{"-bind", "127.0.0.1", "-port", "0", "-state-file", filepath.Join(dir, "no", "such", "dir", "s.json")}, func(string) string { return "" }, io.Discard, io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "does not exist (create it, mode 0700)") {
 		t.Errorf("state file in a missing directory: %v", err)
 	}
@@ -2416,28 +2416,40 @@ func TestForwardedForCountsOnlyFromTrustedProxies(t *testing.T) {
 	}
 }
 
+// TestOpenAdminAPIIsWarnedAbout: tests listen on 127.0.0.1 only, so the
+// warning's condition is tested on addresses, and the daemon once on loopback.
 func TestOpenAdminAPIIsWarnedAbout(t *testing.T) {
+	everywhere := &net.TCPAddr{IP: net.IPv6unspecified, Port: 8844}
 	tests := []struct {
 		args []string
+		addr net.Addr
 		warn bool
 	}{
-		{nil, true},
-		{[]string{"-bind", "127.0.0.1"}, false},
-		{[]string{"-admin-token", "t"}, false},
-		{[]string{"-admin-allow", "127.0.0.1"}, false},
+		{nil, everywhere, true},
+		{nil, &net.TCPAddr{IP: net.IPv4zero, Port: 8844}, true},
+		{nil, &net.TCPAddr{IP: net.ParseIP("192.0.2.1"), Port: 8844}, true},
+		{nil, &net.TCPAddr{IP: net.ParseIP("127.0.0.1"), Port: 8844}, false},
+		{nil, &net.TCPAddr{IP: net.IPv6loopback, Port: 8844}, false},
+		{[]string{"-admin-token", "t"}, everywhere, false},
+		{[]string{"-admin-allow", "127.0.0.1"}, everywhere, false},
 	}
 	for _, tc := range tests {
-		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
-			_, logs, _ := runDaemon(t, tc.args...)
-			if got := strings.Count(logs.String(), "the admin API is open to anyone who can reach this port"); got != map[bool]int{true: 1, false: 0}[tc.warn] {
-				t.Errorf("warned %d times, want warn=%v:\n%s", got, tc.warn, logs)
-			}
-		})
+		cfg, err := parseConfig(tc.args, func(string) string { return "" }, io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := adminOpen(cfg, tc.addr); got != tc.warn {
+			t.Errorf("%q on %v: adminOpen %v, want %v", tc.args, tc.addr, got, tc.warn)
+		}
+	}
+	_, logs, _ := runDaemon(t)
+	if strings.Contains(logs.String(), "the admin API is open") {
+		t.Errorf("warned on loopback:\n%s", logs)
 	}
 }
 
 func TestBindListensOnOneAddress(t *testing.T) {
-	addr, _, _ := runDaemon(t, "-bind", "127.0.0.1")
+	addr, _, _ := runDaemon(t)
 	_, port, _ := net.SplitHostPort(addr)
 	if conn, err := net.Dial("tcp", "127.0.0.1:"+port); err != nil {
 		t.Errorf("not listening on 127.0.0.1: %v", err)
@@ -2447,6 +2459,45 @@ func TestBindListensOnOneAddress(t *testing.T) {
 	if conn, err := net.Dial("tcp", "127.0.0.2:"+port); err == nil {
 		conn.Close()
 		t.Error("listening on 127.0.0.2 too")
+	}
+}
+
+// TestRefusedOriginsAreLoggedSparingly: a browser hides the 403 from its
+// page, so the log names the origin, at most once per refusalLogEvery.
+func TestRefusedOriginsAreLoggedSparingly(t *testing.T) {
+	d := startDaemon(t, "-allowed-origins", "https://app.example.com")
+	ch := d.prepare("")
+	for range 3 {
+		if c, resp := dialWS(t, d.wsURL(ch.SubscriberToken), http.Header{"Origin": {"https://evil.example"}}); c != nil || resp.StatusCode != 403 {
+			t.Fatalf("a refused origin subscribed: %v", resp)
+		}
+	}
+	line := `level=WARN msg="subscriber refused: origin not in -allowed-origins" origin=https://evil.example refused_since_last_line=0`
+	if got := strings.Count(d.logs.String(), line); got != 1 {
+		t.Errorf("%d lines %q, want 1; log:\n%s", got, line, d.logs)
+	}
+}
+
+func TestLogLimit(t *testing.T) {
+	var l logLimit
+	start := time.Now()
+	for _, step := range []struct {
+		after      time.Duration // since start
+		ok         bool
+		suppressed int
+	}{
+		{0, true, 0},
+		{time.Second, false, 0},
+		{9 * time.Second, false, 0},
+		{10 * time.Second, true, 2},
+		{11 * time.Second, false, 0},
+		{time.Minute, true, 1},
+		{time.Minute + 10*time.Second, true, 0},
+	} {
+		ok, suppressed := l.allow(start.Add(step.after), 10*time.Second)
+		if ok != step.ok || suppressed != step.suppressed {
+			t.Errorf("at %v: allow = %v, %d; want %v, %d", step.after, ok, suppressed, step.ok, step.suppressed)
+		}
 	}
 }
 
@@ -2565,11 +2616,11 @@ func TestTLSServesHTTPSAndWSS(t *testing.T) {
 		}
 	}
 
-	err = run(context.Background(), []string{"-port", "0", "-tls-cert", certFile}, func(string) string { return "" }, io.Discard, io.Discard)
+	err = run(context.Background(), []string{"-bind", "127.0.0.1", "-port", "0", "-tls-cert", certFile}, func(string) string { return "" }, io.Discard, io.Discard)
 	if err == nil || exitStatus(err) != 2 {
 		t.Errorf("-tls-cert without -tls-key: %v", err)
 	}
-	err = run(context.Background(), []string{"-port", "0", "-tls-cert", keyFile, "-tls-key", keyFile}, func(string) string { return "" }, io.Discard, io.Discard)
+	err = run(context.Background(), []string{"-bind", "127.0.0.1", "-port", "0", "-tls-cert", keyFile, "-tls-key", keyFile}, func(string) string { return "" }, io.Discard, io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "load TLS certificate") {
 		t.Errorf("a key as certificate: %v", err)
 	}
@@ -2639,6 +2690,34 @@ func TestFlagsComeFromTheEnvironmentToo(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) || exitStatus(err) != 2 {
 			t.Errorf("%s=%q: %v, want exit 2 and %q", tc.name, tc.value, err, tc.want)
 		}
+	}
+}
+
+func TestBooleansTakeYesNoOnOff(t *testing.T) {
+	for _, tc := range []struct {
+		value string
+		want  bool
+	}{
+		{"true", true}, {"1", true}, {"t", true}, {"TRUE", true}, {"yes", true}, {"Yes", true}, {"y", true}, {"on", true}, {"ON", true},
+		{"false", false}, {"0", false}, {"f", false}, {"no", false}, {"NO", false}, {"n", false}, {"off", false}, {"Off", false},
+	} {
+		t.Run(tc.value, func(t *testing.T) {
+			env := func(k string) string { return map[string]string{"GOCKETS_HOOK_EVENTS": tc.value}[k] }
+			if cfg, err := parseConfig(nil, env, io.Discard); err != nil || cfg.hookEvents != tc.want {
+				t.Errorf("GOCKETS_HOOK_EVENTS=%s: hookEvents %v, %v; want %v", tc.value, cfg.hookEvents, err, tc.want)
+			}
+			none := func(string) string { return "" }
+			if cfg, err := parseConfig([]string{"-hook-events=" + tc.value}, none, io.Discard); err != nil || cfg.hookEvents != tc.want {
+				t.Errorf("-hook-events=%s: hookEvents %v, %v; want %v", tc.value, cfg.hookEvents, err, tc.want)
+			}
+		})
+	}
+	if cfg, err := parseConfig([]string{"-hook-events"}, func(string) string { return "" }, io.Discard); err != nil || !cfg.hookEvents {
+		t.Errorf("-hook-events alone: %v, %v", cfg.hookEvents, err)
+	}
+	err := run(context.Background(), nil, func(k string) string { return map[string]string{"GOCKETS_HOOK_EVENTS": "maybe"}[k] }, io.Discard, io.Discard)
+	if want := `GOCKETS_HOOK_EVENTS="maybe": not a boolean: use true or false, yes or no, on or off, 1 or 0`; err == nil || err.Error() != want || exitStatus(err) != 2 {
+		t.Errorf("GOCKETS_HOOK_EVENTS=maybe: %v, want exit 2 and %q", err, want)
 	}
 }
 
@@ -2991,6 +3070,25 @@ func TestPresenceEventsOncePerChange(t *testing.T) {
 	}
 }
 
+// TestDroppedHookItemsAreNamed: a drop says whether it was a message or a
+// presence event.
+func TestDroppedHookItemsAreNamed(t *testing.T) {
+	hook := startHook(t, func(*http.Request) int { return http.StatusBadRequest }) // not retried
+	d := startDaemon(t, "-hook-events")
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
+	c := d.dial(ch.SubscriberToken)
+	c.send(true, websocket.TextFrame, []byte("a message"))
+	c.send(true, websocket.CloseFrame, closePayload(closeNormal))
+	c.expectClose(closeNormal)
+	waitFor(t, "three failed deliveries", func() bool { return d.hub.stats.hookFailed.Load() == 3 })
+	logs := d.logs.String()
+	for _, what := range []string{"connect event", "message", "disconnect event"} {
+		if line := `level=WARN msg="hook delivery failed: ` + what + ` dropped"`; strings.Count(logs, line) != 1 {
+			t.Errorf("not once in the log: %s\n%s", line, logs)
+		}
+	}
+}
+
 // ---- Benchmarks ----
 //
 //	go test -run '^$' -bench . -benchmem .
@@ -3277,7 +3375,7 @@ func TestStateFileIsLocked(t *testing.T) {
 	d := startDaemon(t, "-state-file", state)
 	d.prepare(`{"tag": "first"}`)
 	journal, _ := os.ReadFile(state + ".journal")
-	err := run(context.Background(), []string{"-port", "0", "-state-file", state}, func(string) string { return "" }, io.Discard, io.Discard)
+	err := run(context.Background(), []string{"-bind", "127.0.0.1", "-port", "0", "-state-file", state}, func(string) string { return "" }, io.Discard, io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "is in use by another gockets") || exitStatus(err) != 1 {
 		t.Fatalf("a second daemon on the same state file: %v", err)
 	}
@@ -3635,4 +3733,224 @@ func TestOfferClaimsOnlyASubscriberWithNothingUnderWay(t *testing.T) {
 			}
 		})
 	}
+}
+
+// ---- The examples of README.md ----
+
+// TestExamples runs examples/ as README.md does: php -S serves page.php and
+// hook.php, php-cli runs publish.php, against the real daemon.
+func TestExamples(t *testing.T) {
+	php := lookPHP(t)
+	const frame = `{"hello":"from the page"}`
+	tests := []struct {
+		name                    string
+		daemonSecret, phpSecret string
+		hookLog                 string // what php -S logs for the page's frame
+	}{
+		{"unsigned, as in the quick start", "", "", "hook: a browser sent " + frame},
+		{"signed", "s3cret", "s3cret", "hook: a browser sent " + frame},
+		{"unsigned, to a hook that wants a signature", "", "s3cret", "[401]: POST /hook.php"},
+		{"signed, to php-fpm without the secret", "s3cret", "", "the request is signed but GOCKETS_HOOK_SECRET is not in my environment"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			addr, _, _ := runDaemon(t, "-hook-secret", tc.daemonSecret)
+			d := &daemon{t: t, url: "http://" + addr}
+			env := []string{"GOCKETS_URL=http://localhost:" + strings.Split(addr, ":")[1], "TMPDIR=" + t.TempDir()}
+			if tc.phpSecret != "" {
+				env = append(env, "GOCKETS_HOOK_SECRET="+tc.phpSecret)
+			}
+			web, webLog := startPHPServer(t, php, env)
+
+			token := regexp.MustCompile(`const token = "([A-Z2-7]{26})";`)
+			page := func() string {
+				resp, err := http.Get(web + "/page.php")
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer resp.Body.Close()
+				body, err := io.ReadAll(resp.Body)
+				m := token.FindSubmatch(body)
+				if err != nil || resp.StatusCode != http.StatusOK || m == nil {
+					t.Fatalf("page.php: %d %v without a subscriber token:\n%s\nphp -S:\n%s", resp.StatusCode, err, body, webLog)
+				}
+				return string(m[1])
+			}
+			sub := page()
+			c, resp := dialWS(t, d.wsURL(sub), http.Header{"Origin": {web}})
+			if c == nil {
+				t.Fatalf("subscribe with page.php's token: %s", resp.Status)
+			}
+
+			out := runPHP(t, php, env, "examples/publish.php", "Your order has shipped")
+			if want := "sent \"Your order has shipped\" to demo-user's page: 1 subscriber(s)\n"; out != want {
+				t.Errorf("publish.php said %q, want %q", out, want)
+			}
+			c.expectText("Your order has shipped")
+			c.send(true, websocket.TextFrame, []byte(frame))
+			waitFor(t, "php -S to log "+tc.hookLog, func() bool { return strings.Contains(webLog.String(), tc.hookLog) })
+
+			if again := page(); again != sub {
+				t.Errorf("page.php prepared a second channel instead of reusing the user's")
+			}
+			var channels struct{ Channels []channelJSON }
+			d.mustCall("GET", "/channel", "", http.StatusOK, &channels)
+			d.mustCall("DELETE", "/channel/publish/"+channels.Channels[0].PublisherToken, "", http.StatusOK, nil)
+			if fresh := page(); fresh == sub {
+				t.Errorf("page.php kept a deleted channel")
+			}
+		})
+	}
+}
+
+// TestREADMEShowsTheExamples keeps the files README.md shows the same as
+// examples/, which TestExamples runs.
+func TestREADMEShowsTheExamples(t *testing.T) {
+	read := func(name string) string {
+		b, err := os.ReadFile(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	readme := read("README.md")
+	for _, name := range []string{"quickstart.html", "sse.html", "hook.php"} {
+		if !strings.Contains(readme, "```"+strings.TrimPrefix(filepath.Ext(name), ".")+"\n"+read("examples/"+name)+"```\n") {
+			t.Errorf("README.md does not show examples/%s as it is", name)
+		}
+	}
+	// README shows page.php's PHP, and says its page is the quick start's
+	// with two lines printed by PHP.
+	php, html, _ := strings.Cut(read("examples/page.php"), "?>\n")
+	if !strings.Contains(readme, "```php\n"+php+"?>\n```\n") {
+		t.Error("README.md does not show the PHP of examples/page.php as it is")
+	}
+	quickstart := strings.Split(read("examples/quickstart.html"), "\n")
+	printed := strings.Split(html, "\n")
+	if len(quickstart) != len(printed) {
+		t.Fatalf("page.php's page has %d lines, the quick start's %d", len(printed), len(quickstart))
+	}
+	for i := range printed {
+		if printed[i] != quickstart[i] && !strings.Contains(readme, "```js\n"+printed[i]+"\n") && !strings.Contains(readme, "\n"+printed[i]+"\n```\n") {
+			t.Errorf("page.php's line %q is neither the quick start's %q nor shown in README.md", printed[i], quickstart[i])
+		}
+	}
+}
+
+// lookPHP finds php-cli: under CI=true a missing php fails the test.
+func lookPHP(t *testing.T) string {
+	t.Helper()
+	php, err := exec.LookPath("php")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("php not found: the PHP examples need php-cli (.ci/run installs it)")
+		}
+		t.Skip("php not found: install php-cli to run the PHP examples")
+	}
+	return php
+}
+
+// phpEnv is the environment of a PHP example: this one without GOCKETS_*
+// (a developer's own settings), and env.
+func phpEnv(env []string) []string {
+	var kept []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, envPrefix) {
+			kept = append(kept, kv)
+		}
+	}
+	return append(kept, env...)
+}
+
+// startPHPServer runs php -S on examples/, as the quick start does, on a
+// free port of 127.0.0.1; it returns its URL and what it logs.
+func startPHPServer(t *testing.T, php string, env []string) (string, *syncBuffer) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // php takes the port over; another process taking it first fails the wait below
+	logs := &syncBuffer{}
+	cmd := exec.Command(php, "-S", addr, "-t", "examples")
+	cmd.Env = phpEnv(env)
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("php -S: %v", err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		cmd.Wait()
+		close(exited)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+		if t.Failed() {
+			t.Logf("php -S log:\n%s", logs)
+		}
+	})
+	waitFor(t, "php -S to start", func() bool {
+		select {
+		case <-exited:
+			t.Fatalf("php -S ended:\n%s", logs)
+		default:
+		}
+		return strings.Contains(logs.String(), "("+"http://"+addr+") started")
+	})
+	return "http://" + addr, logs
+}
+
+// runPHP runs a PHP example from the command line and returns its output.
+func runPHP(t *testing.T, php string, env []string, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(php, args...)
+	cmd.Env = phpEnv(env)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("php %s: %v\n%s%s", strings.Join(args, " "), err, out, stderr.String())
+	}
+	return string(out)
+}
+
+// ---- The systemd unit of README.md ----
+
+// TestSystemdUnitIsHardened checks README.md's unit with systemd-analyze,
+// where it is installed: verify finds nothing to say, and security scores
+// its exposure under 2.0.
+func TestSystemdUnitIsHardened(t *testing.T) {
+	analyze, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		t.Skip("systemd-analyze not found: install systemd to check the unit")
+	}
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile("(?s)```ini\n(\\[Unit\\].*?)```").FindSubmatch(readme)
+	if m == nil {
+		t.Fatal("README.md has no unit")
+	}
+	// verify wants ExecStart to exist: this test binary stands in for it.
+	unit := strings.Replace(string(m[1]), "ExecStart=/usr/local/bin/gockets", "ExecStart="+os.Args[0], 1)
+	path := filepath.Join(t.TempDir(), "gockets.service")
+	if err := os.WriteFile(path, []byte(unit), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(analyze, "verify", path).CombinedOutput(); err != nil || len(out) > 0 {
+		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
+	}
+	out, err := exec.Command(analyze, "security", "--offline=yes", path).CombinedOutput()
+	score := regexp.MustCompile(`Overall exposure level for gockets.service: (\d+\.\d)`).FindSubmatch(out)
+	if err != nil || score == nil {
+		t.Fatalf("systemd-analyze security: %v\n%s", err, out)
+	}
+	if exposure, _ := strconv.ParseFloat(string(score[1]), 64); exposure >= 2.0 {
+		t.Errorf("exposure %s, want under 2.0:\n%s", score[1], out)
+	}
+	t.Logf("systemd-analyze security: exposure %s", score[1])
 }
