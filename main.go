@@ -2027,6 +2027,9 @@ func (s *subscriber) writeLoop() {
 		s.mu.Lock()
 		if s.busy || !s.hasWorkLocked() { // busy: a publisher writes, and wakes a writer after
 			s.writer = false
+			if s.queue == nil {
+				s.queue = batch[:0] // for the next messages queued, instead of a new slice
+			}
 			s.mu.Unlock()
 			return
 		}
