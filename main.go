@@ -845,11 +845,11 @@ func (h *hub) publish(ch *channel, m *message) (subscribers int, queued, ok bool
 // writeDirect writes m to the subscribers a publish claimed, split over
 // the cores when there are many.
 func (h *hub) writeDirect(claimed []*subscriber, m *message) {
-	parts := min(runtime.GOMAXPROCS(0), len(claimed)/directShare)
-	if parts <= 1 {
+	if len(claimed) < 2*directShare { // most publishes: GOMAXPROCS takes the scheduler's lock
 		h.stats.delivered.Add(writeEach(claimed, m))
 		return
 	}
+	parts := min(runtime.GOMAXPROCS(0), len(claimed)/directShare)
 	per := (len(claimed) + parts - 1) / parts
 	var wg sync.WaitGroup
 	for part := range slices.Chunk(claimed[per:], per) {
