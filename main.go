@@ -107,6 +107,11 @@ const (
 	// kernel memory, not 4 GB. 512 KiB in flight still carry 40 Mbit/s to
 	// a peer 100 ms away.
 	sendBufferBytes = 256 << 10
+	// payloadChunk is the room a subscriber's reader makes for a frame's
+	// payload before any of it has arrived; the room then grows, at most
+	// doubling, as it fills. A frame header alone can declare a message of
+	// -max-message-bytes, and must not cost them.
+	payloadChunk = 4 << 10
 	// refusalLogEvery spaces the log lines of refused browser origins: a
 	// browser hides the 403 from its page, so the log is where a developer
 	// looks, and one line per 10 s with a count keeps a flood off the disk.
@@ -275,6 +280,10 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	switch {
 	case strings.TrimSpace(cfg.hostName) == "":
 		return cfg, usageError{fmt.Errorf("%s must not be empty", source["host-name"])}
+	case strings.TrimSpace(cfg.adminToken) != cfg.adminToken:
+		// The token a client presents is read trimmed, so this one could
+		// never match; trimming it here would change a secret silently.
+		return cfg, usageError{fmt.Errorf("%s must not begin or end with white space", source["admin-token"])}
 	case (cfg.tlsCert == "") != (cfg.tlsKey == ""):
 		return cfg, usageError{errors.New("-tls-cert and -tls-key go together")}
 	case cfg.bind != "" && net.ParseIP(cfg.bind) == nil && !validHost(cfg.bind):
@@ -1059,18 +1068,23 @@ func parseChannelOptions(body []byte) (channelOptions, error) {
 	if len(body) == 0 || bytes.Equal(body, []byte("[]")) {
 		return opts, nil
 	}
-	var fields struct {
-		HookURL json.RawMessage `json:"subscriber_message_hook_url"`
-		Tag     json.RawMessage `json:"tag"`
-	}
+	// A map, not a struct: encoding/json would match a struct's field
+	// names in any case, and the README promises that a name it does not
+	// know exactly is refused.
+	var fields map[string]json.RawMessage
 	if err := decodeStrict(body, &fields); err != nil {
 		return opts, fmt.Errorf("body is not a valid JSON object: %w", err)
 	}
+	for _, name := range slices.Sorted(maps.Keys(fields)) {
+		if name != "subscriber_message_hook_url" && name != "tag" {
+			return opts, fmt.Errorf("body is not a valid JSON object: json: unknown field %q", name)
+		}
+	}
 	var err error
-	if opts.hookURL, opts.setHook, err = optionalString("subscriber_message_hook_url", fields.HookURL); err != nil {
+	if opts.hookURL, opts.setHook, err = optionalString("subscriber_message_hook_url", fields["subscriber_message_hook_url"]); err != nil {
 		return opts, err
 	}
-	if opts.tag, opts.setTag, err = optionalString("tag", fields.Tag); err != nil {
+	if opts.tag, opts.setTag, err = optionalString("tag", fields["tag"]); err != nil {
 		return opts, err
 	}
 	if opts.hookURL != nil {
@@ -1319,7 +1333,8 @@ func decodeStrict(data []byte, v any) error {
 	if err := dec.Decode(v); err != nil {
 		return err
 	}
-	if dec.More() {
+	// Only JSON's white space may follow (dec.More misses a stray ] or }).
+	if len(bytes.Trim(data[dec.InputOffset():], " \t\r\n")) > 0 {
 		return errors.New("data after the JSON value")
 	}
 	return nil
@@ -1642,7 +1657,7 @@ func (s *subscriber) debugging() bool {
 // serveWebSocket starts the reader of an upgraded subscriber and returns:
 // net/http's handler goroutine, with its deep stack and its buffers, ends
 // at the upgrade instead of living as long as the connection.
-func (s *subscriber) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *frameBatch) {
+func (s *subscriber) serveWebSocket(ws *websocket.Conn, conn *keptConn, out *frameBatch) {
 	direct := out
 	if out.raw == nil {
 		direct = nil // TLS: publishers cannot write to it at once
@@ -1653,11 +1668,11 @@ func (s *subscriber) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *fram
 
 // read is a WebSocket subscriber's reader: it reads until the end, waits
 // for the writer to finish, then closes the connection.
-func (s *subscriber) read(ws *websocket.Conn, conn net.Conn) {
+func (s *subscriber) read(ws *websocket.Conn, conn *keptConn) {
 	defer s.hub.connections.Done()
-	s.stop(s.readLoop(ws))
+	s.stop(s.readLoop(ws, conn.in))
 	<-s.done
-	if err := conn.Close(); err != nil {
+	if err := conn.Conn.Close(); err != nil {
 		s.log().Debug("close", "err", err)
 	}
 	if s.debugging() {
@@ -1865,43 +1880,48 @@ func (s *subscriber) signal() {
 // peer, pongs included, proves it alive for two more ping intervals. After
 // a bad frame it sends our close and discards what follows until the
 // peer's close, so that the peer can read ours.
-func (s *subscriber) readLoop(ws *websocket.Conn) farewell {
+// x/net/websocket reads the frames; in is the buffered reader it reads
+// them from, where the reader peeks at the one bit x/net clears.
+func (s *subscriber) readLoop(ws *websocket.Conn, in *bufio.Reader) farewell {
+	lost := farewell{closeGoingAway, "connection lost", false, true}
 	var msg []byte
 	var msgType byte
 	inMessage, failed := false, false
 	for {
 		s.extendReadDeadline()
-		fr, err := ws.NewFrameReader()
+		h, fr, err := nextFrame(ws, in)
 		if isTimeout(err) {
 			return farewell{closeGoingAway, "ping timeout", false, false}
 		} else if err != nil {
-			return farewell{closeGoingAway, "connection lost", false, true}
+			return lost
 		}
-		h := parseFrameHeader(fr.HeaderReader(), fr.Len())
 		if !failed {
 			if bye, bad := h.problem(inMessage, int64(len(msg)), s.hub.cfg.maxMessageBytes); bad {
 				failed = true
 				s.stop(bye)
 			}
 		}
-		if h.opcode == websocket.CloseFrame && h.length <= 125 {
-			payload := make([]byte, h.length)
-			if _, err := io.ReadFull(fr, payload); err != nil {
-				return farewell{closeGoingAway, "connection lost", false, true}
+		if h.opcode == websocket.CloseFrame && h.length >= 0 && h.length <= 125 {
+			payload, err := readPayload(fr, nil, h.length)
+			if err != nil {
+				return lost
 			}
 			return farewell{peerCloseCode(payload), "closed by peer", false, false}
 		}
 		if failed {
+			if h.length < 0 {
+				return lost // where this frame ends cannot be known
+			}
 			if _, err := io.Copy(io.Discard, fr); err != nil {
-				return farewell{closeGoingAway, "connection lost", false, true}
+				return lost
 			}
 			continue
 		}
 		switch h.opcode {
 		case websocket.PingFrame, websocket.PongFrame:
-			payload := make([]byte, h.length)
-			if _, err := io.ReadFull(fr, payload); err != nil {
-				return farewell{closeGoingAway, "connection lost", false, true}
+			payload, err := readPayload(fr, make([]byte, 0, h.length), h.length) // not nil: nil is no pong
+			if err != nil {
+				return lost
 			}
 			if h.opcode == websocket.PingFrame {
 				s.mu.Lock()
@@ -1913,10 +1933,8 @@ func (s *subscriber) readLoop(ws *websocket.Conn) farewell {
 		case websocket.TextFrame, websocket.BinaryFrame:
 			inMessage, msgType, msg = true, h.opcode, nil
 		}
-		start := len(msg)
-		msg = slices.Grow(msg, int(h.length))[:start+int(h.length)]
-		if _, err := io.ReadFull(fr, msg[start:]); err != nil {
-			return farewell{closeGoingAway, "connection lost", false, true}
+		if msg, err = readPayload(fr, msg, h.length); err != nil {
+			return lost
 		}
 		if !h.fin {
 			continue
@@ -1948,24 +1966,69 @@ func (s *subscriber) extendReadDeadline() {
 type frameHeader struct {
 	fin, rsv, masked bool
 	opcode           byte
-	length           int64 // of the payload
+	length           int64 // of the payload; negative when its top bit is set
 }
 
-// parseFrameHeader reads the bits x/net/websocket parsed but does not expose.
-func parseFrameHeader(r io.Reader, frameLen int) frameHeader {
-	b, ok := r.(interface{ Bytes() []byte })
-	if !ok || len(b.Bytes()) < 2 {
-		return frameHeader{opcode: websocket.UnknownFrame}
+// nextFrame peeks at the next frame's header for the top bit of a 64-bit
+// length, which RFC 6455 (5.2) says must be 0 and x/net's frame reader
+// clears, then lets x/net read the frame and reads the header bits it
+// parsed but does not expose.
+func nextFrame(ws *websocket.Conn, in *bufio.Reader) (frameHeader, io.Reader, error) {
+	start, err := in.Peek(2)
+	if err != nil {
+		return frameHeader{}, nil, err
 	}
-	raw := b.Bytes()
+	topBit := false
+	if start[1]&0x7f == 127 {
+		if start, err = in.Peek(3); err != nil {
+			return frameHeader{}, nil, err
+		}
+		topBit = start[2]&0x80 != 0
+	}
+	fr, err := ws.NewFrameReader()
+	if err != nil {
+		return frameHeader{}, nil, err
+	}
+	header, ok := fr.HeaderReader().(interface{ Bytes() []byte })
+	if !ok || len(header.Bytes()) < 2 {
+		return frameHeader{}, nil, errors.New("x/net/websocket: frame header unreadable")
+	}
+	raw := header.Bytes()
 	h := frameHeader{
 		fin:    raw[0]&0x80 != 0,
 		rsv:    raw[0]&0x70 != 0,
 		opcode: raw[0] & 0x0f,
 		masked: raw[1]&0x80 != 0,
-		length: int64(frameLen - len(raw)), // x/net's int overflow, if any, cancels out
+		length: int64(fr.Len() - len(raw)), // x/net's int overflow, if any, cancels out
 	}
-	return h
+	if topBit {
+		h.length = -1
+	}
+	return h, fr, nil
+}
+
+// readPayload appends a frame's payload of length bytes, unmasked by x/net,
+// to buf. It makes room as the bytes arrive, at most doubling it, never
+// beyond the end of the frame: a header alone can declare a message of
+// -max-message-bytes, and must not cost them. A finished message's buffer
+// is exactly its size.
+func readPayload(fr io.Reader, buf []byte, length int64) ([]byte, error) {
+	end := len(buf) + int(length)
+	for len(buf) < end {
+		if len(buf) == cap(buf) {
+			room := min(end-len(buf), max(len(buf), payloadChunk))
+			buf = append(make([]byte, 0, len(buf)+room), buf...)
+		}
+		n, err := fr.Read(buf[len(buf):min(cap(buf), end)])
+		buf = buf[:len(buf)+n]
+		if err != nil && len(buf) < end {
+			if err == io.EOF { // x/net's frame reader ends where the connection did
+				err = io.ErrUnexpectedEOF
+			}
+			return buf, err
+		}
+	}
+	return buf, nil
 }
 
 // problem says what is wrong with a frame, given the message it may
@@ -1975,6 +2038,8 @@ func (h frameHeader) problem(inMessage bool, msgBytes, limit int64) (farewell, b
 	switch {
 	case !h.masked || h.rsv:
 		return farewell{closeProtocolError, "client frames must be masked and use no extensions", false, false}, true
+	case h.length < 0:
+		return farewell{closeProtocolError, "the top bit of a frame length must be 0", false, false}, true
 	case control && (!h.fin || h.length > 125):
 		return farewell{closeProtocolError, "bad control frame", false, false}, true
 	case control && h.opcode > websocket.PongFrame:
@@ -1994,13 +2059,16 @@ func (h frameHeader) problem(inMessage bool, msgBytes, limit int64) (farewell, b
 }
 
 // peerCloseCode is the code to echo to a peer's close frame: its own when
-// that is a code a peer may send (RFC 6455, 7.4), else 1002.
+// that is a code a peer may send (RFC 6455, 7.4), else 1002; 1007 when its
+// reason is not UTF-8.
 func peerCloseCode(payload []byte) int {
-	switch len(payload) {
-	case 0:
+	switch {
+	case len(payload) == 0:
 		return closeNormal
-	case 1:
+	case len(payload) == 1:
 		return closeProtocolError // a code is two bytes
+	case !utf8.Valid(payload[2:]):
+		return closeInvalidData
 	}
 	code := int(payload[0])<<8 | int(payload[1])
 	switch {
@@ -2411,37 +2479,63 @@ func (w *nowWriter) write(raw syscall.RawConn, p []byte) (int, error) {
 
 // ssePeer writes Server-Sent Events. Each message is an event with its id,
 // so that a reconnecting EventSource resumes where it stopped
-// (Last-Event-ID); binary messages are sent base64 as "event: binary".
+// (Last-Event-ID); binary messages are sent base64 as "event: binary". An
+// event goes in pieces into the response's own buffer: a subscriber holds
+// no copy of a message, and makes none to send it.
 type ssePeer struct {
-	w   http.ResponseWriter
-	rc  *http.ResponseController
-	buf []byte
+	w  http.ResponseWriter
+	rc *http.ResponseController
 }
 
 func (p *ssePeer) send(m *message) error {
-	b := strconv.AppendUint(append(p.buf[:0], "id: "...), m.id, 10)
-	data := m.data
+	e := &eventWriter{w: p.w}
+	e.WriteString("id: " + strconv.FormatUint(m.id, 10))
 	if m.binary {
-		b = append(b, "\nevent: binary"...)
-		data = base64.StdEncoding.AppendEncode(nil, m.data)
-	}
-	// EventSource ends a line at \r\n, \r or \n: each becomes a data line
-	// of its own, and the browser joins them with \n.
-	for {
-		end := bytes.IndexAny(data, "\r\n")
-		if end < 0 {
-			break
+		e.WriteString("\nevent: binary\ndata: ")
+		b64 := base64.NewEncoder(base64.StdEncoding, e) // in pieces of 1 KiB
+		_, _ = b64.Write(m.data)                        // errors are kept in e
+		_ = b64.Close()
+	} else {
+		// EventSource ends a line at \r\n, \r or \n: each becomes a data
+		// line of its own, and the browser joins them with \n.
+		data := m.data
+		for {
+			end := bytes.IndexAny(data, "\r\n")
+			if end < 0 {
+				break
+			}
+			e.WriteString("\ndata: ")
+			_, _ = e.Write(data[:end])
+			if data[end] == '\r' && end+1 < len(data) && data[end+1] == '\n' {
+				end++
+			}
+			data = data[end+1:]
 		}
-		b = append(append(b, "\ndata: "...), data[:end]...)
-		if data[end] == '\r' && end+1 < len(data) && data[end+1] == '\n' {
-			end++
-		}
-		data = data[end+1:]
+		e.WriteString("\ndata: ")
+		_, _ = e.Write(data)
 	}
-	b = append(append(b, "\ndata: "...), data...)
-	p.buf = append(b, "\n\n"...)
-	_, err := p.w.Write(p.buf)
-	return err
+	e.WriteString("\n\n")
+	return e.err
+}
+
+// eventWriter writes the pieces of an event until one fails, and keeps
+// that error.
+type eventWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (e *eventWriter) Write(p []byte) (int, error) {
+	if e.err == nil {
+		_, e.err = e.w.Write(p)
+	}
+	return len(p), e.err
+}
+
+func (e *eventWriter) WriteString(s string) {
+	if e.err == nil {
+		_, e.err = io.WriteString(e.w, s)
+	}
 }
 
 func (p *ssePeer) flush() error { return p.rc.Flush() }
@@ -2695,8 +2789,12 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // routeErrors passes every reply through but the mux's own plain-text 404
-// and 405, which it answers in JSON (405 keeps the mux's Allow header). It
-// spares routing each request twice to find those out beforehand.
+// and 405, which it answers in JSON (405 keeps the mux's Allow header), and
+// its HTML redirect from a path such as //channel or /channel/./x to the
+// cleaned path, which it answers with a JSON 404 naming that path: the
+// API's paths are exact, and an API client follows no redirect (a
+// WebSocket cannot). It spares routing each request twice to find those
+// out beforehand.
 type routeErrors struct {
 	http.ResponseWriter
 	r        *http.Request
@@ -2704,17 +2802,24 @@ type routeErrors struct {
 }
 
 func (e *routeErrors) WriteHeader(code int) {
-	if code != http.StatusNotFound && code != http.StatusMethodNotAllowed || e.Header().Get("Content-Type") == "application/json" {
+	mine := code == http.StatusNotFound || code == http.StatusMethodNotAllowed || code == http.StatusTemporaryRedirect
+	if !mine || e.Header().Get("Content-Type") == "application/json" {
 		e.ResponseWriter.WriteHeader(code)
 		return
 	}
 	e.replaced = true
-	e.Header().Del("X-Content-Type-Options")
-	if code == http.StatusMethodNotAllowed {
-		reply(e.ResponseWriter, code, "ERR", "method "+e.r.Method+" is not allowed here; allowed: "+e.Header().Get("Allow"))
-		return
+	header := e.Header()
+	header.Del("X-Content-Type-Options")
+	switch code {
+	case http.StatusMethodNotAllowed:
+		reply(e.ResponseWriter, code, "ERR", "method "+e.r.Method+" is not allowed here; allowed: "+header.Get("Allow"))
+	case http.StatusTemporaryRedirect:
+		cleaned := header.Get("Location")
+		header.Del("Location")
+		reply(e.ResponseWriter, http.StatusNotFound, "ERR", "no such route: "+e.r.Method+" "+e.r.URL.Path+" (paths are exact: did you mean "+cleaned+"?)")
+	default:
+		reply(e.ResponseWriter, code, "ERR", "no such route: "+e.r.Method+" "+e.r.URL.Path)
 	}
-	reply(e.ResponseWriter, code, "ERR", "no such route: "+e.r.Method+" "+e.r.URL.Path)
 }
 
 func (e *routeErrors) Write(p []byte) (int, error) {
@@ -3021,6 +3126,11 @@ func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case strings.EqualFold(r.Header.Get("Upgrade"), "websocket"):
 		h.subscribeWebSocket(w, r, ch)
+	case strings.Contains(r.Header.Get("Accept"), "text/event-stream") && r.Method == http.MethodHead:
+		// A HEAD can receive no message: it gets the stream's headers,
+		// and neither takes the backlog nor counts as a listener.
+		setSSEHeaders(w, r)
+		w.WriteHeader(http.StatusOK)
 	case strings.Contains(r.Header.Get("Accept"), "text/event-stream"):
 		h.subscribeSSE(w, r, ch)
 	default:
@@ -3046,7 +3156,9 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 		Handshake: func(cfg *websocket.Config, req *http.Request) error {
 			req.Header, req.URL = nil, nil // read by now, and x/net keeps req
 			// x/net refuses a client that offers more than one subprotocol;
-			// take its first, as a server that knows none may.
+			// take its first, as a server that knows none may. x/net keeps
+			// the empty names of "a, ,b": they are no choice.
+			cfg.Protocol = slices.DeleteFunc(cfg.Protocol, func(p string) bool { return p == "" })
 			cfg.Protocol = cfg.Protocol[:min(len(cfg.Protocol), 1)]
 			// Joining before the 101 is sent makes listeners count a
 			// subscriber by the time it can see the upgrade. Between the
@@ -3058,7 +3170,7 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 		},
 		Handler: func(ws *websocket.Conn) {
 			conn.kept = true
-			s.serveWebSocket(ws, conn.Conn, out)
+			s.serveWebSocket(ws, conn, out)
 		},
 	}.ServeHTTP(takeover{w, conn, out}, &http.Request{Method: r.Method, URL: r.URL, Header: r.Header, Host: r.Host, TLS: r.TLS})
 	if !conn.kept {
@@ -3092,11 +3204,11 @@ func (t takeover) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 			return nil, nil, fmt.Errorf("raw connection: %w", err)
 		}
 	}
-	r := buf.Reader
-	if r.Buffered() == 0 {
-		r = bufio.NewReaderSize(conn, wsBufferSize)
+	t.conn.in = buf.Reader
+	if t.conn.in.Buffered() == 0 {
+		t.conn.in = bufio.NewReaderSize(conn, wsBufferSize)
 	}
-	return t.conn, bufio.NewReadWriter(r, bufio.NewWriterSize(t.out, wsBufferSize)), nil
+	return t.conn, bufio.NewReadWriter(t.conn.in, bufio.NewWriterSize(t.out, wsBufferSize)), nil
 }
 
 // keptConn is the connection as x/net/websocket sees it. x/net closes it
@@ -3104,7 +3216,8 @@ func (t takeover) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 // Close is ignored, and the subscriber's reader closes it at the end.
 type keptConn struct {
 	net.Conn
-	kept bool // set by Handler, read by x/net's Close, on the same goroutine
+	in   *bufio.Reader // what x/net was given to read; the subscriber reads frames from it
+	kept bool          // set by Handler, read by x/net's Close, on the same goroutine
 }
 
 func (c *keptConn) Close() error {
@@ -3137,19 +3250,23 @@ func (h *hub) subscribeSSE(w http.ResponseWriter, r *http.Request, ch *channel) 
 	defer context.AfterFunc(r.Context(), func() {
 		s.stop(farewell{closeGoingAway, "connection lost", false, true})
 	})()
-	header := w.Header()
-	header.Set("Content-Type", "text/event-stream")
-	header.Set("Cache-Control", "no-cache")
-	header.Set("X-Accel-Buffering", "no") // nginx: pass events on at once
-	if origin := r.Header.Get("Origin"); origin != "" {
-		header.Set("Access-Control-Allow-Origin", origin) // allowed above
-		header.Set("Vary", "Origin")
-	}
+	setSSEHeaders(w, r)
 	w.WriteHeader(http.StatusOK)
 	if err := rc.Flush(); err != nil {
 		s.stop(farewell{closeGoingAway, "connection lost", false, true})
 	}
 	s.serveSSE(&ssePeer{w: w, rc: rc})
+}
+
+func setSSEHeaders(w http.ResponseWriter, r *http.Request) {
+	header := w.Header()
+	header.Set("Content-Type", "text/event-stream")
+	header.Set("Cache-Control", "no-cache")
+	header.Set("X-Accel-Buffering", "no") // nginx: pass events on at once
+	if origin := r.Header.Get("Origin"); origin != "" {
+		header.Set("Access-Control-Allow-Origin", origin) // allowed by handleSubscribe
+		header.Set("Vary", "Origin")
+	}
 }
 
 // handleHealth is for load balancers and systemd: 200 while serving, 503

@@ -638,21 +638,28 @@ func TestUnknownRoutesAndMethodsAnswerJSON(t *testing.T) {
 		method, path string
 		status       int
 		allow        string
+		message      string // part of it, when it matters
 	}{
-		{"GET", "/nowhere", 404, ""},
-		{"GET", "/channel/a/b/c", 404, ""},
-		{"POST", "/channel", 405, "GET, HEAD"},
-		{"DELETE", "/channel/prepare", 405, "POST"},
-		{"GET", "/channel/prepare", 405, "POST"},
-		{"PUT", "/channel/publish/" + ch.PublisherToken, 405, "DELETE, POST"},
-		{"GET", "/channel/publish/" + ch.PublisherToken, 405, "DELETE, POST"},
-		{"POST", "/channel/edit/" + ch.PublisherToken, 405, "PATCH"},
-		{"POST", "/channel/subscribe/" + ch.SubscriberToken, 405, "GET, HEAD"},
+		{"GET", "/nowhere", 404, "", ""},
+		{"GET", "/channel/a/b/c", 404, "", ""},
+		// Paths are exact: net/http's mux would redirect to the cleaned
+		// path with an HTML body, which clients of an API do not follow.
+		{"GET", "//channel", 404, "", "no such route: GET //channel (paths are exact: did you mean /channel?)"},
+		{"POST", "/channel/./publish/" + ch.PublisherToken, 404, "", "(paths are exact: did you mean /channel/publish/" + ch.PublisherToken + "?)"},
+		{"GET", "/channel/../channel?search=x", 404, "", "did you mean /channel?search=x?"},
+		{"POST", "/channel", 405, "GET, HEAD", ""},
+		{"DELETE", "/channel/prepare", 405, "POST", ""},
+		{"GET", "/channel/prepare", 405, "POST", ""},
+		{"PUT", "/channel/publish/" + ch.PublisherToken, 405, "DELETE, POST", ""},
+		{"GET", "/channel/publish/" + ch.PublisherToken, 405, "DELETE, POST", ""},
+		{"POST", "/channel/edit/" + ch.PublisherToken, 405, "PATCH", ""},
+		{"POST", "/channel/subscribe/" + ch.SubscriberToken, 405, "GET, HEAD", ""},
 	}
 	for _, tc := range tests {
 		t.Run(tc.method+" "+tc.path, func(t *testing.T) {
 			d := d.in(t)
-			status, header, body := d.call(tc.method, tc.path, "")
+			noRedirects := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+			status, header, body := d.request(noRedirects, tc.method, tc.path, "", func(*http.Request) {})
 			if status != tc.status {
 				t.Errorf("status %d, want %d", status, tc.status)
 			}
@@ -665,6 +672,9 @@ func TestUnknownRoutesAndMethodsAnswerJSON(t *testing.T) {
 			var r struct{ Type, Message string }
 			if err := json.Unmarshal([]byte(body), &r); err != nil || r.Type != "ERR" || r.Message == "" {
 				t.Errorf("body %s is not a JSON error (%v)", body, err)
+			}
+			if !strings.Contains(r.Message, tc.message) {
+				t.Errorf("message %q, want it to contain %q", r.Message, tc.message)
 			}
 		})
 	}
@@ -1053,24 +1063,32 @@ func TestTokensAreRandomAndDistinct(t *testing.T) {
 func TestFlagsOutOfRangeAreRefused(t *testing.T) {
 	tests := []struct {
 		args []string
+		env  map[string]string
 		want string
 	}{
-		{[]string{"-port", "70000"}, "-port 70000 is out of range"},
-		{[]string{"-port", "-1"}, "-port -1 is out of range"},
-		{[]string{"-port", "http"}, `invalid value "http" for flag -port`},
-		{[]string{"-log-level", "0"}, "-log-level 0 is out of range"},
-		{[]string{"-log-level", "4"}, "-log-level 4 is out of range"},
-		{[]string{"-ping-interval", "0"}, "-ping-interval 0 is out of range"},
-		{[]string{"-ping-interval", "86401"}, "-ping-interval 86401 is out of range"},
-		{[]string{"-ping-interval", "1.5"}, `invalid value "1.5" for flag -ping-interval`},
-		{[]string{"-host-name", " "}, "-host-name must not be empty"},
-		{[]string{"-no-such-flag"}, "flag provided but not defined: -no-such-flag"},
-		{[]string{"extra"}, `unexpected argument "extra"`},
+		{[]string{"-port", "70000"}, nil, "-port 70000 is out of range"},
+		{[]string{"-port", "-1"}, nil, "-port -1 is out of range"},
+		{[]string{"-port", "http"}, nil, `invalid value "http" for flag -port`},
+		{[]string{"-log-level", "0"}, nil, "-log-level 0 is out of range"},
+		{[]string{"-log-level", "4"}, nil, "-log-level 4 is out of range"},
+		{[]string{"-ping-interval", "0"}, nil, "-ping-interval 0 is out of range"},
+		{[]string{"-ping-interval", "86401"}, nil, "-ping-interval 86401 is out of range"},
+		{[]string{"-ping-interval", "1.5"}, nil, `invalid value "1.5" for flag -ping-interval`},
+		{[]string{"-host-name", " "}, nil, "-host-name must not be empty"},
+		{[]string{"-no-such-flag"}, nil, "flag provided but not defined: -no-such-flag"},
+		{[]string{"extra"}, nil, `unexpected argument "extra"`},
+		// A client's token is read trimmed: one with white space around it
+		// could never be presented.
+		{[]string{"-bind", "127.0.0.1", "-port", "0", "-admin-token", "abc "}, nil, "-admin-token must not begin or end with white space"},
+		{[]string{"-bind", "127.0.0.1", "-port", "0"}, map[string]string{"GOCKETS_ADMIN_TOKEN": "abc\n"}, "GOCKETS_ADMIN_TOKEN must not begin or end with white space"},
 	}
 	for _, tc := range tests {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			var stdout, stderr bytes.Buffer
-			err := run(context.Background(), tc.args, func(string) string { return "" }, &stdout, &stderr)
+			// Cancelled: a daemon wrongly started stops at once.
+			ctx, cancel := context.WithCancel(context.Background())
+			cancel()
+			err := run(ctx, tc.args, func(name string) string { return tc.env[name] }, &stdout, &stderr)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("run(%q) = %v, want an error containing %q", tc.args, err, tc.want)
 			}
@@ -1243,7 +1261,11 @@ func TestBadInputIsRefusedAndChangesNothing(t *testing.T) {
 		{"not an object", `"just a string"`, "body is not a valid JSON object: json: cannot unmarshal string"},
 		{"a non-empty array", `[1]`, "body is not a valid JSON object: json: cannot unmarshal array"},
 		{"two objects", `{} {}`, "body is not a valid JSON object: data after the JSON value"},
+		{"brackets after the object", `{"tag": "x"}]]]`, "body is not a valid JSON object: data after the JSON value"},
+		{"braces after the object", `{"tag": "x"}}}`, "body is not a valid JSON object: data after the JSON value"},
 		{"unknown field", `{"hook": "http://x"}`, `body is not a valid JSON object: json: unknown field "hook"`},
+		{"field name in capitals", `{"TAG": "x"}`, `body is not a valid JSON object: json: unknown field "TAG"`},
+		{"field name in another case", `{"Subscriber_Message_Hook_Url": "http://x"}`, `json: unknown field "Subscriber_Message_Hook_Url"`},
 		{"hook of the wrong type", `{"subscriber_message_hook_url": 5}`, "subscriber_message_hook_url must be a string or null"},
 		{"tag of the wrong type", `{"tag": ["a"]}`, "tag must be a string or null"},
 		{"file scheme", `{"subscriber_message_hook_url": "file:///etc/passwd"}`, `scheme "file" is not allowed, use http or https`},
@@ -1332,15 +1354,23 @@ func TestBodiesAreLimited(t *testing.T) {
 // ---- Frames from subscribers ----
 
 func TestSubscriberFramesAreCheckedAndReassembled(t *testing.T) {
-	const limit = 4096
+	const limit = 5*payloadChunk + 3 // read in growing pieces
 	hook := startHook(t, nil)
 	d := startDaemon(t, "-max-message-bytes", fmt.Sprint(limit))
 	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
 
 	c := d.dial(ch.SubscriberToken)
-	c.send(true, websocket.BinaryFrame, make([]byte, limit))
-	if r := recv(t, hook.requests, "largest frame"); len(r.body) != limit {
-		t.Errorf("hook got %d bytes, want %d", len(r.body), limit)
+	largest := make([]byte, limit)
+	rand.Read(largest)
+	c.send(true, websocket.BinaryFrame, largest)
+	if r := recv(t, hook.requests, "largest frame"); r.body != string(largest) {
+		t.Errorf("hook got %d bytes, not the %d sent", len(r.body), limit)
+	}
+	c.send(false, websocket.BinaryFrame, largest[:10])
+	c.send(false, websocket.ContinuationFrame, largest[10:payloadChunk+1])
+	c.send(true, websocket.ContinuationFrame, largest[payloadChunk+1:])
+	if r := recv(t, hook.requests, "largest message in fragments"); r.body != string(largest) {
+		t.Errorf("hook got %d bytes, not the %d sent", len(r.body), limit)
 	}
 	c.send(false, websocket.TextFrame, []byte("frag"))
 	c.send(true, websocket.PingFrame, []byte("between fragments"))
@@ -1371,6 +1401,13 @@ func TestSubscriberFramesAreCheckedAndReassembled(t *testing.T) {
 		{"fragmented ping", func(c *wsClient) { c.send(false, websocket.PingFrame, []byte("x")) }, closeProtocolError},
 		{"unmasked close", func(c *wsClient) { c.sendFrame(true, websocket.CloseFrame, closePayload(closeNormal), false) }, closeProtocolError},
 		{"one-byte close", func(c *wsClient) { c.send(true, websocket.CloseFrame, []byte{3}) }, closeProtocolError},
+		{"close reason not UTF-8", func(c *wsClient) {
+			c.send(true, websocket.CloseFrame, append(closePayload(closeNormal), "bye \xff"...))
+		}, closeInvalidData},
+		{"64-bit length with its top bit set", func(c *wsClient) {
+			// 2^63 + 5 bytes, which RFC 6455 forbids; x/net would read 5.
+			c.conn.Write([]byte{0x82, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 5, 1, 2, 3, 4, 'h', 'e', 'l', 'l', 'o'})
+		}, closeProtocolError},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1383,6 +1420,77 @@ func TestSubscriberFramesAreCheckedAndReassembled(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestFrameHeadersCostOnlyWhatArrives opens connections that each send a
+// frame header declaring a message of the largest size allowed, and then
+// nothing: what they cost must grow with the bytes that came, not with what
+// the headers declared. The bound is the issue's: 4,000 such connections
+// under 100 MB in all, about 25 KB each, this test's clients included. It
+// measures after every batch, so that a reader that believes the header
+// fails early instead of taking gigabytes.
+func TestFrameHeadersCostOnlyWhatArrives(t *testing.T) {
+	const perConnection = 100e6 / 4000
+	for _, tc := range []struct {
+		limit        int64
+		conns, batch int
+	}{
+		{1 << 20, 4000, 500},
+		{64 << 20, 200, 10}, // -max-message-bytes at its largest
+	} {
+		t.Run(fmt.Sprint(tc.limit), func(t *testing.T) {
+			d := startDaemon(t, "-max-message-bytes", fmt.Sprint(tc.limit), "-log-level", "2")
+			ch := d.prepare("")
+			u, _ := url.Parse(d.wsURL(ch.SubscriberToken))
+			// A ping, answered once the reader has reached the frame after
+			// it, then the header of a frame of limit bytes: 14 bytes.
+			header := []byte{0x89, 0x80, 1, 2, 3, 4, 0x82, 0xff}
+			header = binary.BigEndian.AppendUint64(header, uint64(tc.limit))
+			header = append(header, 1, 2, 3, 4)
+			conns := make([]net.Conn, 0, tc.conns)
+			defer func() {
+				for _, c := range conns {
+					c.Close()
+				}
+			}()
+			base, cost := liveBytes(), int64(0)
+			for len(conns) < tc.conns {
+				for range tc.batch {
+					conn, err := net.Dial("tcp", u.Host)
+					if err != nil {
+						t.Fatal(err)
+					}
+					conns = append(conns, conn)
+					if c, resp := handshake(t, conn, u, nil); c == nil {
+						t.Fatalf("subscribe: %s", resp.Status)
+					}
+					if _, err := conn.Write(header); err != nil {
+						t.Fatal(err)
+					}
+				}
+				for _, conn := range conns[len(conns)-tc.batch:] {
+					var pong [2]byte
+					if _, err := io.ReadFull(conn, pong[:]); err != nil || pong != [2]byte{0x8a, 0} {
+						t.Fatalf("pong: % x %v", pong, err)
+					}
+				}
+				cost = int64(liveBytes()) - int64(base)
+				if cost > perConnection*int64(len(conns)) {
+					t.Fatalf("%d connections cost %d MB, more than %d B each", len(conns), cost/1e6, int64(perConnection))
+				}
+			}
+			t.Logf("%d connections declaring %d bytes each: %d KB in all, %d B each", len(conns), tc.limit, cost/1000, cost/int64(len(conns)))
+		})
+	}
+}
+
+// liveBytes is the heap in use after a collection, with the goroutine
+// stacks: what the process holds, by the Go runtime's count.
+func liveBytes() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc + ms.StackInuse
 }
 
 // ---- Limits and timeouts ----
@@ -2105,12 +2213,9 @@ func FuzzAdminRequests(f *testing.F) {
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, req)
 		switch rec.Code {
-		case 200, 301, 307, 400, 403, 404, 405, 413, 505:
+		case 200, 400, 403, 404, 405, 413, 505:
 		default:
 			t.Errorf("%s %q: status %d", method, target, rec.Code)
-		}
-		if rec.Code/100 == 3 {
-			return // the mux cleaning a path such as /channel/../channel
 		}
 		var v map[string]any
 		if ct := rec.Header().Get("Content-Type"); ct != "application/json" || json.Unmarshal(rec.Body.Bytes(), &v) != nil {
@@ -3000,6 +3105,115 @@ func TestSubscribeAsksForWebSocketOrSSE(t *testing.T) {
 	}
 }
 
+// TestSSEHoldsNoCopyOfAMessage publishes a message to 200 event streams:
+// no subscriber may keep a buffer of its size afterwards, nor make a copy
+// of it to send it. 256 KiB, not the issue's 1 MB: under -race on a busy
+// machine, 200 MB through 200 streams can outlast the daemon's 10 s write
+// deadline. With 1 MiB, 200 subscribers kept 222 MB (text) and 280 MB
+// (binary) before, and made 5.2 and 2.8 MB of garbage per delivery.
+func TestSSEHoldsNoCopyOfAMessage(t *testing.T) {
+	const subscribers, size = 200, 256 << 10
+	line := strings.Repeat("x", 8<<10-1) + "\n" // each line is a data line of its own
+	text := strings.Repeat(line, size/len(line))
+	binary := strings.Repeat("\x00\xff", size/2)
+	for _, tc := range []struct {
+		name, contentType, body, event string
+	}{
+		{"text", "text/plain", text, "data: " + strings.ReplaceAll(text, "\n", "\ndata: ") + "\n\n"},
+		{"binary", "application/octet-stream", binary, "event: binary\ndata: " + base64.StdEncoding.EncodeToString([]byte(binary)) + "\n\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := startDaemon(t)
+			ch := d.prepare("")
+			clients := make([]*sseClient, subscribers)
+			for i := range clients {
+				clients[i] = d.sse(ch.SubscriberToken, "")
+			}
+			received := make(chan error, subscribers)
+			bufs := make([][32 << 10]byte, subscribers)
+			base := liveBytes()
+			var before runtime.MemStats
+			runtime.ReadMemStats(&before)
+			d.request(http.DefaultClient, "POST", "/channel/publish/"+ch.PublisherToken, tc.body, func(r *http.Request) {
+				r.Header.Set("Content-Type", tc.contentType)
+			})
+			for i, c := range clients {
+				go func() { received <- c.expectEvent(tc.event, bufs[i][:]) }()
+			}
+			for range clients {
+				if err := recv(t, received, "the event"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var after runtime.MemStats
+			runtime.ReadMemStats(&after)
+			live := int64(liveBytes()) - int64(base)
+			runtime.KeepAlive(bufs) // counted in base
+			perDelivery := (after.TotalAlloc - before.TotalAlloc) / subscribers
+			t.Logf("%s, %d B to %d subscribers: %d KB more live after, %d B allocated per delivery", tc.name, len(tc.body), subscribers, live/1000, perDelivery)
+			if live > 5e6 {
+				t.Errorf("%d MB more live after the publish, want < 5 MB", live/1e6)
+			}
+			if perDelivery > size/4 { // a copy is as big as the message, or bigger
+				t.Errorf("%d KB allocated per delivery, want < %d KB", perDelivery/1000, size/4/1000)
+			}
+		})
+	}
+}
+
+// expectEvent reads the next event, which must be "id: N\n" and then
+// exactly rest, comparing as it reads through buf: it keeps no copy.
+func (c *sseClient) expectEvent(rest string, buf []byte) error {
+	c.conn.SetReadDeadline(time.Now().Add(waitTimeout))
+	id, err := c.br.ReadSlice('\n')
+	if _, badID := strconv.ParseUint(string(bytes.TrimSuffix(bytes.TrimPrefix(id, []byte("id: ")), []byte("\n"))), 10, 64); err != nil || badID != nil {
+		return fmt.Errorf("event begins with %q (%v), want its id", id, err)
+	}
+	for read := 0; read < len(rest); {
+		c.conn.SetReadDeadline(time.Now().Add(waitTimeout)) // for each piece: 200 streams share the CPU
+		n, err := c.br.Read(buf[:min(len(buf), len(rest)-read)])
+		if string(buf[:n]) != rest[read:read+n] {
+			return fmt.Errorf("event differs from byte %d on", read)
+		}
+		read += n
+		if err != nil && read < len(rest) {
+			return fmt.Errorf("event ended at byte %d of %d: %v", read, len(rest), err)
+		}
+	}
+	return nil
+}
+
+// TestHeadIsNoSubscriber asks for an event stream with HEAD: the answer has
+// the stream's headers and no body, so it neither takes the backlog nor
+// counts as a listener.
+func TestHeadIsNoSubscriber(t *testing.T) {
+	d := startDaemon(t)
+	ch := d.prepare("")
+	d.publish(ch.PublisherToken, "kept")
+	// On a connection of its own: a HEAD served as a stream never ends.
+	status, header, body := d.request(&http.Client{Timeout: waitTimeout}, "HEAD", "/channel/subscribe/"+ch.SubscriberToken, "", func(r *http.Request) {
+		r.Header.Set("Accept", "text/event-stream")
+		r.Close = true
+	})
+	if status != 200 || header.Get("Content-Type") != "text/event-stream" || body != "" {
+		t.Errorf("HEAD: %d %q %q", status, header.Get("Content-Type"), body)
+	}
+	m := scrape(t, d)
+	for _, name := range []string{
+		`gockets_subscribers{transport="sse"}`, "gockets_messages_delivered_total", `gockets_messages_dropped_total{reason="subscriber_gone"}`,
+	} {
+		if m[name] != 0 {
+			t.Errorf("%s = %d after HEAD, want 0", name, m[name])
+		}
+	}
+	if n := d.listeners(ch.PublisherToken); n != 0 {
+		t.Errorf("listeners = %d after HEAD, want 0", n)
+	}
+	if ev := d.sse(ch.SubscriberToken, "").message(); ev.data != "kept" {
+		t.Errorf("the first real subscriber got %+v, want the kept message", ev)
+	}
+}
+
 // ---- Binary messages ----
 
 func TestBinaryMessagesBothWays(t *testing.T) {
@@ -3298,15 +3512,29 @@ func TestRefusedSubscriberMakesNoPresenceEvent(t *testing.T) {
 func TestSeveralSubprotocolsStillSubscribe(t *testing.T) {
 	d := startDaemon(t)
 	ch := d.prepare("")
-	d.publish(ch.PublisherToken, "kept")
-	c, resp := dialWS(t, d.wsURL(ch.SubscriberToken), http.Header{"Sec-Websocket-Protocol": {"v1, v2"}})
-	if c == nil {
-		t.Fatalf("a client offering two subprotocols: %s", resp.Status)
+	for _, tc := range []struct {
+		offered string
+		chosen  []string // the first offered; none when none is named
+	}{
+		{"v1, v2", []string{"v1"}},
+		{", v2", []string{"v2"}},
+		{", ,", nil},
+	} {
+		t.Run(tc.offered, func(t *testing.T) {
+			d := d.in(t)
+			d.publish(ch.PublisherToken, "kept")
+			c, resp := dialWS(t, d.wsURL(ch.SubscriberToken), http.Header{"Sec-Websocket-Protocol": {tc.offered}})
+			if c == nil {
+				t.Fatalf("a client offering %q: %s", tc.offered, resp.Status)
+			}
+			if got := resp.Header["Sec-Websocket-Protocol"]; !slices.Equal(got, tc.chosen) {
+				t.Errorf("subprotocol %q, want %q", got, tc.chosen)
+			}
+			c.expectText("kept")
+			c.send(true, websocket.CloseFrame, closePayload(closeNormal))
+			c.expectClose(closeNormal)
+		})
 	}
-	if got := resp.Header.Get("Sec-Websocket-Protocol"); got != "v1" {
-		t.Errorf("subprotocol %q, want the first offered", got)
-	}
-	c.expectText("kept")
 }
 
 func TestFailedUpgradeGivesTheBacklogBack(t *testing.T) {
