@@ -1591,10 +1591,12 @@ type farewell struct {
 }
 
 // subscriber is one connection to a channel: a WebSocket or an SSE stream.
-// One writer owns every write to it, pings included. A WebSocket has a
-// reader goroutine and a writer goroutine of its own; an SSE stream has
-// nothing to read, and its handler goroutine is the writer. A hook worker
-// runs while messages wait for the hook. stop ends them all.
+// One write at a time is under way (busy): a publisher's, for a message it
+// writes itself (offer), or a writer goroutine's, which runs only while
+// something waits to be written (wakeLocked). A WebSocket has a reader
+// goroutine for its whole life; an SSE stream has nothing to read, and its
+// handler goroutine waits for the goodbye. A hook worker runs while
+// messages wait for the hook. stop ends them all.
 type subscriber struct {
 	id        uint64
 	hub       *hub
