@@ -771,7 +771,7 @@ func (h *hub) closeAll() {
 		subs := slices.Clone(ch.subscribers)
 		ch.mu.Unlock()
 		for _, s := range subs {
-			s.stop(farewell{closeGoingAway, "server shutting down", true, false})
+			s.stop(farewell{closeGoingAway, "server shutting down", true})
 		}
 	}
 }
@@ -846,7 +846,7 @@ func (h *hub) publish(ch *channel, m *message) (subscribers int, queued, ok bool
 	for _, s := range slow {
 		s.log().Warn("subscriber too slow: disconnected", "queued", h.cfg.sendQueue)
 		h.stats.slowDisconnects.Add(1)
-		s.stop(farewell{closePolicyViolation, "too slow: send queue full", false, true})
+		s.stop(farewell{closePolicyViolation, "too slow: send queue full", false})
 	}
 	return subscribers, queued, true
 }
@@ -938,7 +938,7 @@ func (h *hub) join(ch *channel, s *subscriber, resume bool, lastID uint64) bool 
 // unjoin undoes join for a subscriber whose upgrade failed after it: it
 // leaves, and what it took from the backlog waits for the next one again.
 func (h *hub) unjoin(ch *channel, s *subscriber) {
-	s.stop(farewell{closeGoingAway, "handshake failed", false, false})
+	s.stop(farewell{closeGoingAway, "handshake failed", false})
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
 	for i, k := range ch.backlog {
@@ -1016,7 +1016,7 @@ func (h *hub) sweep(now time.Time) {
 		}
 		// Nobody waits for this change to reach the disk: the store saves it
 		// with the next one, or at shutdown.
-		if _, ok := h.delete(ch, farewell{closeNormal, "channel expired", true, false}, h.cfg.channelTTL); ok {
+		if _, ok := h.delete(ch, farewell{closeNormal, "channel expired", true}, h.cfg.channelTTL); ok {
 			h.log.Info("channel expired", "channel", fingerprint(ch.subscriberToken), "idle", idle.Round(time.Millisecond))
 		}
 	}
@@ -1580,14 +1580,11 @@ const (
 )
 
 // farewell says why a subscriber ends: the close code and reason it is
-// sent, whether the messages still queued go out first (drain), and
-// whether the write under way gets only closeGrace more, because the peer
-// may be stuck.
+// sent, and whether the messages still queued go out first (drain).
 type farewell struct {
 	code   int
 	reason string
 	drain  bool
-	abort  bool
 }
 
 // subscriber is one connection to a channel: a WebSocket or an SSE stream.
@@ -1683,7 +1680,8 @@ func (s *subscriber) read(ws *websocket.Conn, conn *keptConn) {
 }
 
 // serveSSE is the life of an SSE subscriber, run by the handler goroutine,
-// which writes: an event stream has nothing to read.
+// which waits for the goodbye while writers write: an event stream has
+// nothing to read, and its response must not end before.
 func (s *subscriber) serveSSE(p *ssePeer) {
 	s.begin(p, nil)
 	<-s.done
@@ -1845,7 +1843,7 @@ func (s *subscriber) writeClaimed(m *message) bool {
 	if err != nil {
 		s.log().Debug("write failed", "err", err)
 		s.hub.stats.droppedGone.Add(1)
-		s.stop(farewell{closeGoingAway, "write failed", false, true})
+		s.stop(farewell{closeGoingAway, "write failed", false})
 		return false
 	}
 	return n == len(m.frame)
@@ -1885,7 +1883,7 @@ func (s *subscriber) signal() {
 // x/net/websocket reads the frames; in is the buffered reader it reads
 // them from, where the reader peeks at the one bit x/net clears.
 func (s *subscriber) readLoop(ws *websocket.Conn, in *bufio.Reader) farewell {
-	lost := farewell{closeGoingAway, "connection lost", false, true}
+	lost := farewell{closeGoingAway, "connection lost", false}
 	var msg []byte
 	var msgType byte
 	inMessage, failed := false, false
@@ -1893,7 +1891,7 @@ func (s *subscriber) readLoop(ws *websocket.Conn, in *bufio.Reader) farewell {
 		s.extendReadDeadline()
 		h, fr, err := nextFrame(ws, in)
 		if isTimeout(err) {
-			return farewell{closeGoingAway, "ping timeout", false, false}
+			return farewell{closeGoingAway, "ping timeout", false}
 		} else if err != nil {
 			return lost
 		}
@@ -1908,7 +1906,7 @@ func (s *subscriber) readLoop(ws *websocket.Conn, in *bufio.Reader) farewell {
 			if err != nil {
 				return lost
 			}
-			return farewell{peerCloseCode(payload), "closed by peer", false, false}
+			return farewell{peerCloseCode(payload), "closed by peer", false}
 		}
 		if failed {
 			if h.length < 0 {
@@ -1944,7 +1942,7 @@ func (s *subscriber) readLoop(ws *websocket.Conn, in *bufio.Reader) farewell {
 		inMessage = false
 		if msgType == websocket.TextFrame && !utf8.Valid(msg) {
 			failed = true
-			s.stop(farewell{closeInvalidData, "text frame is not UTF-8", false, false})
+			s.stop(farewell{closeInvalidData, "text frame is not UTF-8", false})
 			continue
 		}
 		s.forward(msg, msgType == websocket.BinaryFrame)
@@ -2039,23 +2037,23 @@ func (h frameHeader) problem(inMessage bool, msgBytes, limit int64) (farewell, b
 	control := h.opcode >= websocket.CloseFrame
 	switch {
 	case !h.masked || h.rsv:
-		return farewell{closeProtocolError, "client frames must be masked and use no extensions", false, false}, true
+		return farewell{closeProtocolError, "client frames must be masked and use no extensions", false}, true
 	case h.length < 0:
-		return farewell{closeProtocolError, "the top bit of a frame length must be 0", false, false}, true
+		return farewell{closeProtocolError, "the top bit of a frame length must be 0", false}, true
 	case control && (!h.fin || h.length > 125):
-		return farewell{closeProtocolError, "bad control frame", false, false}, true
+		return farewell{closeProtocolError, "bad control frame", false}, true
 	case control && h.opcode > websocket.PongFrame:
-		return farewell{closeProtocolError, "unknown opcode", false, false}, true
+		return farewell{closeProtocolError, "unknown opcode", false}, true
 	case control:
 		return farewell{}, false
 	case h.opcode == websocket.ContinuationFrame && !inMessage:
-		return farewell{closeProtocolError, "continuation without a message", false, false}, true
+		return farewell{closeProtocolError, "continuation without a message", false}, true
 	case (h.opcode == websocket.TextFrame || h.opcode == websocket.BinaryFrame) && inMessage:
-		return farewell{closeProtocolError, "new message before the last one ended", false, false}, true
+		return farewell{closeProtocolError, "new message before the last one ended", false}, true
 	case h.opcode > websocket.BinaryFrame:
-		return farewell{closeProtocolError, "unknown opcode", false, false}, true
+		return farewell{closeProtocolError, "unknown opcode", false}, true
 	case h.length > limit-msgBytes:
-		return farewell{closeTooBig, "message too big", false, false}, true
+		return farewell{closeTooBig, "message too big", false}, true
 	}
 	return farewell{}, false
 }
@@ -2127,7 +2125,7 @@ func (s *subscriber) writeLoop() {
 		s.mu.Unlock()
 		if err != nil {
 			s.log().Debug("write failed", "err", err)
-			s.stop(farewell{closeGoingAway, "write failed", false, true})
+			s.stop(farewell{closeGoingAway, "write failed", false})
 		}
 		clear(batch)
 	}
@@ -3092,7 +3090,7 @@ func (h *hub) handleDelete(w http.ResponseWriter, r *http.Request) {
 		notFound(w, "publisher")
 		return
 	}
-	seq, ok := h.delete(ch, farewell{closeNormal, "channel deleted", true, false}, 0)
+	seq, ok := h.delete(ch, farewell{closeNormal, "channel deleted", true}, 0)
 	if !ok {
 		notFound(w, "publisher")
 		return
@@ -3250,12 +3248,12 @@ func (h *hub) subscribeSSE(w http.ResponseWriter, r *http.Request, ch *channel) 
 	// A WebSocket's reader sees its client go; an event stream learns it
 	// from the request's context.
 	defer context.AfterFunc(r.Context(), func() {
-		s.stop(farewell{closeGoingAway, "connection lost", false, true})
+		s.stop(farewell{closeGoingAway, "connection lost", false})
 	})()
 	setSSEHeaders(w, r)
 	w.WriteHeader(http.StatusOK)
 	if err := rc.Flush(); err != nil {
-		s.stop(farewell{closeGoingAway, "connection lost", false, true})
+		s.stop(farewell{closeGoingAway, "connection lost", false})
 	}
 	s.serveSSE(&ssePeer{w: w, rc: rc})
 }
