@@ -83,9 +83,28 @@ const (
 	// passes); more is dropped, and counted, rather than held without bound.
 	hookQueueLimit = 256
 	hookQueueBytes = 4 << 20
+	// hookTotalLimit and hookTotalBytes bound what waits for hooks, or is
+	// being posted, from all subscribers together: what a client sends,
+	// however many connections it opens, costs at most this much memory.
+	// hookTotalBytes holds the largest message -max-message-bytes allows.
+	hookTotalLimit = 10000
+	hookTotalBytes = 64 << 20
+	// hookPosts is how many POSTs to hooks may be under way at once, each
+	// by one of as many workers; hookPostsPerHost is how many of them may
+	// go to one host (scheme, host and port), so that a hook that hangs
+	// holds a quarter of them and other hooks keep the rest. They bound
+	// the goroutines and connections that hooks cost: at most hookPosts
+	// connections in use and hookPosts idle.
+	hookPosts        = 32
+	hookPostsPerHost = 8
 	// journalLimit is how many changes the state journal holds before the
 	// snapshot is rewritten and the journal emptied.
 	journalLimit = 4096
+	// stateRetryMin and stateRetryMax are the pauses between attempts to
+	// write the state after a failed write: soon enough to save promptly
+	// once space is freed, rare enough not to hammer a full disk.
+	stateRetryMin = time.Second
+	stateRetryMax = 30 * time.Second
 	// shutdownTimeout bounds a graceful shutdown, hook deliveries included.
 	shutdownTimeout = 10 * time.Second
 	// wsBufferSize is the size of a WebSocket subscriber's read and write
@@ -107,6 +126,12 @@ const (
 	// kernel memory, not 4 GB. 512 KiB in flight still carry 40 Mbit/s to
 	// a peer 100 ms away.
 	sendBufferBytes = 256 << 10
+	// reservedFiles is how many of the open-files limit the default
+	// -max-subscribers leaves to everything that is not a subscriber (half
+	// of it when the limit is lower than twice this): admin requests and
+	// health checks, hook connections (up to 2 x hookPosts), the listener,
+	// the state files, standard streams.
+	reservedFiles = 256
 	// payloadChunk is the room a subscriber's reader makes for a frame's
 	// payload before any of it has arrived; the room then grows, at most
 	// doubling, as it fills. A frame header alone can declare a message of
@@ -144,6 +169,9 @@ type config struct {
 	hookSecret string
 	hookEvents bool
 
+	maxSubscribers           int // in all: each holds a file descriptor
+	maxSubscribersPerChannel int
+
 	stateFile  string
 	backlog    int           // messages kept per channel while nobody listens
 	backlogTTL time.Duration // how long they are kept
@@ -151,6 +179,7 @@ type config struct {
 
 	// Settings no flag reaches, for tests.
 	sendQueue   int                          // sendQueueLimit
+	shutdown    time.Duration                // shutdownTimeout
 	writeSynced func(*os.File, []byte) error // how the state store writes a file
 }
 
@@ -186,9 +215,11 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	cfg := config{
 		hook:        hookPolicy{attempts: 5, backoffMin: 250 * time.Millisecond, backoffMax: 4 * time.Second},
 		sendQueue:   sendQueueLimit,
+		shutdown:    shutdownTimeout,
 		writeSynced: writeSynced,
 	}
 	var pingSeconds int
+	maxSubscribers := defaultMaxSubscribers()
 	var showVersion bool
 	fs := flag.NewFlagSet("gockets", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
@@ -213,6 +244,8 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	fs.DurationVar(&cfg.hook.timeout, "hook-timeout", 5*time.Second, "time a hook has to answer one POST")
 	fs.StringVar(&cfg.hookSecret, "hook-secret", "", "sign every hook request with HMAC-SHA256 under this secret (better set as "+envName("hook-secret")+")")
 	fs.Var((*onOff)(&cfg.hookEvents), "hook-events", "also POST a JSON event to the hook when a subscriber connects or disconnects")
+	fs.IntVar(&cfg.maxSubscribers, "max-subscribers", maxSubscribers, "subscriber connections in all; more are refused with 503 (default: the open-files limit less room for the admin API and hooks)")
+	fs.IntVar(&cfg.maxSubscribersPerChannel, "max-subscribers-per-channel", maxSubscribers, "subscriber connections to one channel; more are refused with 503")
 	fs.StringVar(&cfg.stateFile, "state-file", "", "keep the channels in this file so that they survive restarts (default: in memory only)")
 	fs.IntVar(&cfg.backlog, "backlog", 100, "messages kept per channel while it has no subscriber, for the next one (0-1000)")
 	fs.DurationVar(&cfg.backlogTTL, "backlog-ttl", time.Minute, "how long a kept message waits for a subscriber")
@@ -270,6 +303,8 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 		inRange(source["idle-timeout"], cfg.idleTimeout, time.Millisecond, 24*time.Hour),
 		inRange(source["hook-timeout"], cfg.hook.timeout, time.Millisecond, 10*time.Minute),
 		inRange(source["backlog"], cfg.backlog, 0, 1000),
+		inRange(source["max-subscribers"], cfg.maxSubscribers, 1, 1<<30),
+		inRange(source["max-subscribers-per-channel"], cfg.maxSubscribersPerChannel, 1, 1<<30),
 		inRange(source["backlog-ttl"], cfg.backlogTTL, time.Millisecond, 7*24*time.Hour),
 		inRange(source["channel-ttl"], cfg.channelTTL, 0, 365*24*time.Hour),
 	} {
@@ -291,6 +326,18 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	}
 	cfg.pingInterval = time.Duration(pingSeconds) * time.Second
 	return cfg, nil
+}
+
+// defaultMaxSubscribers leaves reservedFiles of the open-files limit (or
+// half of it, when the limit is low) to what is not a subscriber, so that
+// the admin API and /healthz answer when subscribers have taken the rest.
+func defaultMaxSubscribers() int {
+	var limit syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &limit); err != nil || limit.Cur > 1<<30 {
+		return 1 << 20 // no limit we can read: the kernel's own will do
+	}
+	files := int(limit.Cur)
+	return max(files-min(files/2, reservedFiles), 1)
 }
 
 // inRange refuses a flag value outside [lo, hi], naming the flag or the
@@ -470,14 +517,16 @@ type hub struct {
 	bootID           string      // tells this run's hook delivery ids from the last one's
 	closing          atomic.Bool // shutdown has begun: no new subscribers
 	lastSubscriberID atomic.Uint64
-	connections      sync.WaitGroup // one per subscriber handler
-	hookWorkers      sync.WaitGroup // one per subscriber with hook deliveries pending
+	connections      sync.WaitGroup // one per subscriber connection, from admit to release
+	connected        atomic.Int64   // the same, counted: each holds a file descriptor
+	hookWork         hookWork
 	hookCtx          context.Context
 	cancelHooks      context.CancelFunc
 	quit             chan struct{}  // closed by stop: the janitor and the store end
 	background       sync.WaitGroup // the janitor and the store
 	batches          sync.Pool      // of *[]byte, lent to WebSocket writers while they write
 	claims           sync.Pool      // of *[]*subscriber, lent to publish
+	requests         requestWatch   // what each HTTP connection is doing, for shutdown
 	refusedOrigins   logLimit       // spaces the log lines of refused origins
 }
 
@@ -511,6 +560,8 @@ type stats struct {
 	slowDisconnects                             atomic.Int64
 	hookDelivered, hookRetried, hookFailed      atomic.Int64
 	hookQueueFull, hookNoHook, stateSaveFailure atomic.Int64
+	hookTotalFull                               atomic.Int64
+	refusedDaemonFull, refusedChannelFull       atomic.Int64
 }
 
 // channel is one pub/sub topic with its two tokens.
@@ -527,6 +578,7 @@ type channel struct {
 	backlog     []kept        // the latest messages, oldest first
 	lastID      uint64        // of the latest message
 	lastActive  time.Time     // last prepare, edit, publish, join or leave
+	connected   int           // subscriber connections admitted and not yet closed
 	deleted     bool
 }
 
@@ -590,7 +642,9 @@ func newHub(cfg config, log *slog.Logger) (*hub, error) {
 			Transport: &http.Transport{
 				Proxy:               http.ProxyFromEnvironment,
 				DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-				MaxIdleConnsPerHost: 16, // one per subscriber posting at once, up to this
+				MaxConnsPerHost:     hookPostsPerHost,
+				MaxIdleConns:        hookPosts,
+				MaxIdleConnsPerHost: hookPostsPerHost,
 				IdleConnTimeout:     90 * time.Second,
 			},
 			Timeout: cfg.hook.timeout,
@@ -601,6 +655,7 @@ func newHub(cfg config, log *slog.Logger) (*hub, error) {
 		bootID: rand.Text()[:8],
 	}
 	h.hookCtx, h.cancelHooks = context.WithCancel(context.Background())
+	h.hookWork.inFlight = make(map[string]int)
 	h.batches.New = func() any { return new([]byte) }
 	h.claims.New = func() any { return new([]*subscriber) }
 	h.mux = h.routes()
@@ -777,21 +832,37 @@ func (h *hub) closeAll() {
 }
 
 // wait waits, until ctx ends, for every subscriber connection to close and
-// every queued hook delivery to finish; then it abandons what is left.
+// every queued hook delivery to finish; then it abandons what is left and
+// says what that is.
 func (h *hub) wait(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() {
 		h.connections.Wait()
-		h.hookWorkers.Wait()
+		h.hookWork.running.Wait()
 		close(done)
 	}()
 	select {
 	case <-done:
 		return nil
 	case <-ctx.Done():
-		h.cancelHooks()
-		return fmt.Errorf("connections and hook deliveries still running: %w", ctx.Err())
 	}
+	select {
+	case <-done: // both were ready: nothing is abandoned
+		return nil
+	default:
+	}
+	h.cancelHooks()
+	var left []string
+	if n := h.connected.Load(); n > 0 {
+		left = append(left, fmt.Sprintf("%d subscriber connection(s) still open", n))
+	}
+	if n := h.pendingHooks(); n > 0 {
+		left = append(left, fmt.Sprintf("%d hook delivery(ies) not done", n))
+	}
+	if len(left) == 0 { // they ended as time ran out
+		return nil
+	}
+	return fmt.Errorf("abandoned %s: %w", strings.Join(left, " and "), ctx.Err())
 }
 
 // publish hands a message to every subscriber of the channel, or keeps it
@@ -1185,7 +1256,6 @@ type store struct {
 	last    uint64        // the last change handed to the store
 	durable uint64        // every change up to this one is on disk
 	failure error         // why the last write failed; nil once one succeeds
-	failed  uint64        // the changes up to this one were in the failed write
 	written chan struct{} // closed and replaced after every write
 	wake    chan struct{}
 }
@@ -1211,31 +1281,60 @@ type storedChannel struct {
 	Tag             *string `json:"tag"`
 }
 
-// openStore loads the channels of path and its journal, and starts a fresh
-// snapshot from them. A missing file is an empty state; one that cannot be
-// read or parsed is an error, never silently an empty state.
+// openStore loads the channels of path and its journal. A missing file is
+// an empty state; one that cannot be read or parsed is an error, never
+// silently an empty state. It writes nothing that needs free space: a
+// daemon restarted on a full disk serves what it read, and the store
+// writes when it can.
 func openStore(path string, writeSynced func(*os.File, []byte) error, log *slog.Logger, st *stats) (*store, []storedChannel, error) {
 	lock, err := lockState(path)
 	if err != nil {
 		return nil, nil, err
 	}
-	channels, seq, err := loadState(path, log)
-	if err == nil {
-		err = writeSnapshot(path, snapshot{1, seq, channels}, writeSynced)
-	}
+	removeLeftovers(path, log)
+	loaded, err := loadState(path, log)
 	if err != nil {
 		lock.Close()
 		return nil, nil, err
 	}
-	journal, err := os.OpenFile(path+".journal", os.O_WRONLY|os.O_APPEND|os.O_CREATE|os.O_TRUNC, 0o600)
+	journal, err := os.OpenFile(path+".journal", os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err == nil {
+		// A line cut short was never acknowledged; what follows it must
+		// start on a line of its own.
+		err = journal.Truncate(loaded.journalBytes)
+	}
 	if err != nil {
 		lock.Close()
 		return nil, nil, fmt.Errorf("open state journal: %w", err)
 	}
 	return &store{
 		path: path, log: log, stats: st, writeSynced: writeSynced, lock: lock, journal: journal,
-		last: seq, durable: seq, written: make(chan struct{}), wake: make(chan struct{}, 1),
-	}, channels, nil
+		appended: loaded.journalRecords,
+		last:     loaded.seq, durable: loaded.seq, written: make(chan struct{}), wake: make(chan struct{}, 1),
+	}, loaded.channels, nil
+}
+
+// removeLeftovers deletes the temporary snapshots (PATH.tmpNNN) that a
+// crash during a rewrite leaves behind: they hold tokens, and nothing
+// reads them. The caller holds PATH.lock, so none is being written.
+func removeLeftovers(path string, log *slog.Logger) {
+	prefix := filepath.Base(path) + ".tmp"
+	entries, err := os.ReadDir(filepath.Dir(path))
+	if err != nil {
+		log.Warn("cannot look for leftover state files", "err", err)
+		return
+	}
+	for _, e := range entries {
+		suffix, ok := strings.CutPrefix(e.Name(), prefix)
+		if !ok || suffix == "" || strings.Trim(suffix, "0123456789") != "" {
+			continue
+		}
+		if err := os.Remove(filepath.Join(filepath.Dir(path), e.Name())); err != nil {
+			log.Warn("cannot remove a leftover state file", "file", e.Name(), "err", err)
+		} else {
+			log.Info("removed a state file left by a crash", "file", e.Name())
+		}
+	}
 }
 
 // lockState takes PATH.lock for as long as this process lives: a second
@@ -1254,27 +1353,36 @@ func lockState(path string) (*os.File, error) {
 	return lock, nil
 }
 
+// loadedState is what loadState read.
+type loadedState struct {
+	channels       []storedChannel
+	seq            uint64 // the last change they include
+	journalBytes   int64  // up to the end of the last whole line
+	journalRecords int    // whole lines in the journal
+}
+
 // loadState reads the snapshot and replays the journal over it.
-func loadState(path string, log *slog.Logger) ([]storedChannel, uint64, error) {
+func loadState(path string, log *slog.Logger) (loadedState, error) {
 	var snap snapshot
 	data, err := os.ReadFile(path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		snap.Version = 1
 	case err != nil:
-		return nil, 0, fmt.Errorf("read state file: %w", err)
+		return loadedState{}, fmt.Errorf("read state file: %w", err)
 	default:
 		if err := decodeStrict(data, &snap); err != nil {
-			return nil, 0, fmt.Errorf("state file %s is corrupt: %w", path, err)
+			return loadedState{}, fmt.Errorf("state file %s is corrupt: %w", path, err)
 		}
 		if snap.Version != 1 {
-			return nil, 0, fmt.Errorf("state file %s has version %d; this daemon reads version 1", path, snap.Version)
+			return loadedState{}, fmt.Errorf("state file %s has version %d; this daemon reads version 1", path, snap.Version)
 		}
 	}
-	channels, seq := snap.Channels, snap.Seq
+	loaded := loadedState{channels: snap.Channels, seq: snap.Seq}
+	channels := snap.Channels
 	journal, err := os.ReadFile(path + ".journal")
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, 0, fmt.Errorf("read state journal: %w", err)
+		return loadedState{}, fmt.Errorf("read state journal: %w", err)
 	}
 	for n, line := range bytes.SplitAfter(journal, []byte("\n")) {
 		if len(line) == 0 {
@@ -1284,14 +1392,16 @@ func loadState(path string, log *slog.Logger) ([]storedChannel, uint64, error) {
 			log.Warn("state journal ends in a partial line; ignoring it", "line", n+1)
 			break
 		}
+		loaded.journalBytes += int64(len(line))
+		loaded.journalRecords++
 		var r record
 		if err := decodeStrict(line, &r); err != nil {
-			return nil, 0, fmt.Errorf("state journal %s.journal is corrupt at line %d: %w", path, n+1, err)
+			return loadedState{}, fmt.Errorf("state journal %s.journal is corrupt at line %d: %w", path, n+1, err)
 		}
-		if r.Seq <= seq {
+		if r.Seq <= loaded.seq {
 			continue
 		}
-		seq = r.Seq
+		loaded.seq = r.Seq
 		i := slices.IndexFunc(channels, func(c storedChannel) bool { return c.PublisherToken == r.Channel.PublisherToken })
 		switch {
 		case r.Delete && i >= 0:
@@ -1303,9 +1413,10 @@ func loadState(path string, log *slog.Logger) ([]storedChannel, uint64, error) {
 		}
 	}
 	if err := checkChannels(channels); err != nil {
-		return nil, 0, fmt.Errorf("state file %s is corrupt: %w", path, err)
+		return loadedState{}, fmt.Errorf("state file %s is corrupt: %w", path, err)
 	}
-	return channels, seq, nil
+	loaded.channels = channels
+	return loaded, nil
 }
 
 // checkChannels refuses what the daemon could not have written.
@@ -1438,19 +1549,20 @@ func (st *store) lastSeq() uint64 {
 	return st.last
 }
 
-// wait returns once change seq is on disk, or the error that kept it off.
+// wait returns once change seq is on disk, or the error that keeps it off:
+// while writes fail, at once, as the next attempt is a backoff away.
 func (st *store) wait(ctx context.Context, seq uint64) error {
 	if st == nil {
 		return nil
 	}
 	for {
 		st.mu.Lock()
-		durable, failure, failed, written := st.durable, st.failure, st.failed, st.written
+		durable, failure, written := st.durable, st.failure, st.written
 		st.mu.Unlock()
 		switch {
 		case durable >= seq:
 			return nil
-		case failure != nil && failed >= seq:
+		case failure != nil:
 			return failure
 		}
 		select {
@@ -1462,14 +1574,20 @@ func (st *store) wait(ctx context.Context, seq uint64) error {
 }
 
 // run writes changes as they come until quit; then it writes a last
-// snapshot. After a failed write it tries again with growing pauses.
+// snapshot. After a failed write (a full disk) it alone tries again, with
+// growing pauses, writing everything that came meanwhile at once; the
+// failure is logged when it begins and when it ends, not at every change.
 func (st *store) run(quit <-chan struct{}) {
 	retry := time.NewTimer(time.Hour)
 	retry.Stop()
-	backoff := time.Second
+	var backoff time.Duration // 0 while writes succeed
+	failures := 0
 	for {
 		select {
 		case <-st.wake:
+			if backoff > 0 {
+				continue // the retry writes this change too
+			}
 		case <-retry.C:
 		case <-quit:
 			if err := st.save(true); err != nil {
@@ -1480,13 +1598,22 @@ func (st *store) run(quit <-chan struct{}) {
 			}
 			return
 		}
-		if err := st.save(false); err != nil {
+		err := st.save(false)
+		switch {
+		case err != nil:
 			st.stats.stateSaveFailure.Add(1)
-			st.log.Error("state not saved; channels are kept in memory, trying again", "err", err, "in", backoff)
+			failures++
+			if backoff == 0 {
+				backoff = stateRetryMin
+				st.log.Error("state not saved; channels are kept in memory, trying again until it succeeds", "err", err, "next_try_in", backoff)
+			} else {
+				backoff = min(2*backoff, stateRetryMax)
+				st.log.Debug("state still not saved", "err", err, "next_try_in", backoff)
+			}
 			retry.Reset(backoff)
-			backoff = min(2*backoff, 30*time.Second)
-		} else {
-			backoff = time.Second
+		case backoff > 0:
+			st.log.Info("state saved again", "failed_writes", failures)
+			backoff, failures = 0, 0
 		}
 	}
 }
@@ -1513,7 +1640,7 @@ func (st *store) save(last bool) error {
 	defer st.mu.Unlock()
 	if err != nil {
 		st.pending = append(batch, st.pending...)
-		st.failure, st.failed = err, max(st.failed, through)
+		st.failure = err
 	} else {
 		st.durable = max(st.durable, through)
 		st.pending = slices.DeleteFunc(st.pending, func(r record) bool { return r.Seq <= through })
@@ -1592,8 +1719,9 @@ type farewell struct {
 // writes itself (offer), or a writer goroutine's, which runs only while
 // something waits to be written (wakeLocked). A WebSocket has a reader
 // goroutine for its whole life; an SSE stream has nothing to read, and its
-// handler goroutine waits for the goodbye. A hook worker runs while
-// messages wait for the hook. stop ends them all.
+// handler goroutine waits for the goodbye. stop ends them. What it sends
+// for the hook waits in its own queue, which the hub's hook workers serve,
+// and may outlive it.
 type subscriber struct {
 	id        uint64
 	hub       *hub
@@ -1617,11 +1745,7 @@ type subscriber struct {
 	sendUntil   time.Time   // set by stop: no message starts after it
 	closeBy     time.Time   // set by stop: every write ends by then
 	broken      bool        // a write failed: the stream may hold half a frame
-	hookQueue   []hookItem
-	hookRunning bool
-	hookBytes   int    // of the bodies in hookQueue
-	hookDropped bool   // a drop was logged; cleared once the queue drains
-	hookSeq     uint64 // items queued for the hook, for delivery ids
+	hookPending *hookQueue  // made by its first item; guarded by hub.hookWork.mu, not mu
 
 	writer   bool        // a writer goroutine runs (or has said goodbye), under mu
 	pinger   *time.Timer // sets pingDue every interval
@@ -1668,7 +1792,7 @@ func (s *subscriber) serveWebSocket(ws *websocket.Conn, conn *keptConn, out *fra
 // read is a WebSocket subscriber's reader: it reads until the end, waits
 // for the writer to finish, then closes the connection.
 func (s *subscriber) read(ws *websocket.Conn, conn *keptConn) {
-	defer s.hub.connections.Done()
+	defer s.hub.release(s.ch)
 	s.stop(s.readLoop(ws, conn.in))
 	<-s.done
 	if err := conn.Conn.Close(); err != nil {
@@ -1910,7 +2034,14 @@ func (s *subscriber) readLoop(ws *websocket.Conn, in *bufio.Reader) farewell {
 		}
 		if failed {
 			if h.length < 0 {
-				return lost // where this frame ends cannot be known
+				// Where this frame ends cannot be known: no frame follows,
+				// but what arrives is read until the peer goes or the
+				// close grace ends, as closing with unread bytes would
+				// reset the connection and lose our close frame.
+				if _, err := io.Copy(io.Discard, in); err != nil && !isTimeout(err) {
+					s.log().Debug("discard after a bad frame", "err", err)
+				}
+				return lost
 			}
 			if _, err := io.Copy(io.Discard, fr); err != nil {
 				return lost
@@ -2571,6 +2702,7 @@ func (p *ssePeer) write(s string) error {
 // way to the backend.
 type hookItem struct {
 	target      string
+	host        string // scheme://host:port of target: POSTs to one host are limited
 	channel     string // the subscriber token, for X-Gockets-Channel
 	id          string // unique per item: a backend can drop a retried duplicate
 	contentType string
@@ -2626,59 +2758,143 @@ func (s *subscriber) presence(event string, listeners int, bye *farewell, target
 	s.push(target, "application/json", event, body)
 }
 
-// push queues an item for the hook at target. Items from one connection
-// are delivered in order by one worker goroutine, which runs only while
-// items wait. The queue is bounded in items and in bytes.
+// push queues an item for the hook at target, behind the connection's
+// earlier ones. What is queued is bounded per connection and for the
+// whole daemon, in items and in bytes; beyond either bound the item is
+// dropped, counted, and logged once until that queue drains.
 func (s *subscriber) push(target, contentType, event string, body []byte) {
 	if target == "" {
 		s.hub.stats.hookNoHook.Add(1)
 		s.log().Debug("message dropped: channel has no hook", "bytes", len(body))
 		return
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.hookQueue) >= hookQueueLimit || s.hookBytes+len(body) > hookQueueBytes && len(s.hookQueue) > 0 {
+	host := target
+	if u, err := url.Parse(target); err == nil {
+		host = u.Scheme + "://" + u.Host
+	}
+	w := &s.hub.hookWork
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if s.hookPending == nil {
+		s.hookPending = &hookQueue{log: s.log()}
+	}
+	q := s.hookPending
+	switch {
+	case len(q.items) >= hookQueueLimit || q.bytes+len(body) > hookQueueBytes && len(q.items) > 0:
 		s.hub.stats.hookQueueFull.Add(1)
-		if !s.hookDropped {
-			s.log().Warn("hook queue full: dropping messages and presence events until it drains", "queued", len(s.hookQueue))
-			s.hookDropped = true
+		if !q.dropping {
+			q.log.Warn("hook queue full: dropping messages and presence events until it drains", "queued", len(q.items))
+			q.dropping = true
+		}
+		return
+	case w.items >= hookTotalLimit || w.bytes+len(body) > hookTotalBytes:
+		s.hub.stats.hookTotalFull.Add(1)
+		if !w.dropping {
+			s.hub.log.Warn("hook queues of all subscribers full: dropping messages and presence events until they drain",
+				"queued", w.items, "bytes", w.bytes, "limit", hookTotalLimit, "limit_bytes", hookTotalBytes)
+			w.dropping = true
 		}
 		return
 	}
-	s.hookSeq++
-	id := fmt.Sprintf("%s.%d.%d", s.hub.bootID, s.id, s.hookSeq)
-	s.hookQueue = append(s.hookQueue, hookItem{target, s.ch.subscriberToken, id, contentType, event, body})
-	s.hookBytes += len(body)
-	if !s.hookRunning {
-		s.hookRunning = true
-		s.hub.hookWorkers.Add(1)
-		go s.deliverHooks()
+	q.seq++
+	id := fmt.Sprintf("%s.%d.%d", s.hub.bootID, s.id, q.seq)
+	q.items = append(q.items, hookItem{target: target, host: host, channel: s.ch.subscriberToken, id: id,
+		contentType: contentType, event: event, body: body})
+	q.bytes += len(body)
+	w.items++
+	w.bytes += len(body)
+	if !q.busy && len(q.items) == 1 {
+		w.ready = append(w.ready, q)
+		if w.workers < hookPosts {
+			w.workers++
+			w.running.Add(1)
+			go s.hub.deliverHooks()
+		}
 	}
 }
 
-// deliverHooks posts queued frames one after the other until none is left.
-func (s *subscriber) deliverHooks() {
-	defer s.hub.hookWorkers.Done()
+// hookWork is every subscriber's hook queue, served by at most hookPosts
+// workers. A queue is either busy (a worker posts its first item), ready
+// (waiting for a worker), or empty: one connection's items go one at a
+// time, in order, and a busy queue's next item waits for its turn.
+type hookWork struct {
+	mu       sync.Mutex
+	ready    []*hookQueue   // queues with items and no worker, longest waiting first
+	items    int            // queued or being posted, all queues
+	bytes    int            // of their bodies
+	inFlight map[string]int // POSTs under way, by host
+	posting  int            // POSTs under way in all
+	workers  int            // running; at most hookPosts
+	dropping bool           // a daemon-wide drop was logged; cleared once all drain
+	running  sync.WaitGroup // the workers
+}
+
+// hookQueue is one connection's items on their way to the hook.
+type hookQueue struct {
+	log      *slog.Logger
+	items    []hookItem
+	bytes    int    // of the bodies in items
+	busy     bool   // a worker is posting its first item
+	dropping bool   // a drop was logged; cleared once the queue drains
+	seq      uint64 // items queued, for delivery ids
+}
+
+// deliverHooks is a worker: it posts the first item of the longest
+// waiting queue whose host has a POST to spare, until there is none.
+func (h *hub) deliverHooks() {
+	w := &h.hookWork
+	defer w.running.Done()
 	for {
-		s.mu.Lock()
-		if len(s.hookQueue) == 0 {
-			s.hookRunning, s.hookDropped = false, false
-			s.hookQueue = nil
-			s.mu.Unlock()
+		w.mu.Lock()
+		i := slices.IndexFunc(w.ready, func(q *hookQueue) bool { return w.inFlight[q.items[0].host] < hookPostsPerHost })
+		if i < 0 || h.hookCtx.Err() != nil {
+			w.workers--
+			w.mu.Unlock()
 			return
 		}
-		item := s.hookQueue[0]
-		s.hookQueue[0] = hookItem{}
-		s.hookQueue = s.hookQueue[1:]
-		s.hookBytes -= len(item.body)
-		s.mu.Unlock()
-		if err := s.hub.deliver(item); err != nil {
-			s.hub.stats.hookFailed.Add(1)
-			s.log().Warn("hook delivery failed: "+item.what()+" dropped", "delivery_id", item.id, "err", err)
+		q := w.ready[i]
+		w.ready = slices.Delete(w.ready, i, i+1)
+		item := q.items[0]
+		q.items[0] = hookItem{}
+		q.items = q.items[1:]
+		q.busy = true
+		w.inFlight[item.host]++
+		w.posting++
+		w.mu.Unlock()
+
+		if err := h.deliver(item); err != nil {
+			h.stats.hookFailed.Add(1)
+			q.log.Warn("hook delivery failed: "+item.what()+" dropped", "delivery_id", item.id, "err", err)
 		} else {
-			s.hub.stats.hookDelivered.Add(1)
+			h.stats.hookDelivered.Add(1)
 		}
+
+		w.mu.Lock()
+		q.bytes -= len(item.body)
+		q.busy = false
+		if len(q.items) > 0 {
+			w.ready = append(w.ready, q)
+		} else {
+			q.items, q.dropping = nil, false
+		}
+		if w.inFlight[item.host]--; w.inFlight[item.host] == 0 {
+			delete(w.inFlight, item.host)
+		}
+		w.posting--
+		w.items--
+		w.bytes -= len(item.body)
+		if w.items == 0 {
+			w.dropping = false
+		}
+		w.mu.Unlock()
 	}
+}
+
+// pendingHooks is how many items wait for a hook or are being posted.
+func (h *hub) pendingHooks() int {
+	h.hookWork.mu.Lock()
+	defer h.hookWork.mu.Unlock()
+	return h.hookWork.items
 }
 
 // deliver POSTs one item, retrying connection errors and 5xx answers with
@@ -2722,7 +2938,7 @@ func (h *hub) post(item hookItem) (retry bool, err error) {
 	if h.cfg.hookSecret != "" {
 		timestamp := strconv.FormatInt(time.Now().Unix(), 10)
 		req.Header.Set("X-Gockets-Timestamp", timestamp)
-		req.Header.Set("X-Gockets-Signature", "sha256="+sign(h.cfg.hookSecret, timestamp, item.channel, item.body))
+		req.Header.Set("X-Gockets-Signature", "sha256="+sign(h.cfg.hookSecret, timestamp, item))
 	}
 	resp, err := h.hooks.Do(req)
 	if err != nil {
@@ -2745,13 +2961,20 @@ func (h *hub) post(item hookItem) (retry bool, err error) {
 	return false, nil
 }
 
-// sign is the hex HMAC-SHA256, under secret, of "timestamp.channel.body".
-// Signing the timestamp lets a backend refuse replays; signing the channel
-// keeps a body from being replayed as another channel's.
-func sign(secret, timestamp, channel string, body []byte) string {
+// sign is the hex HMAC-SHA256, under secret, of every header the backend
+// acts on and the body, each header value on a line of its own:
+// "TIMESTAMP\nCHANNEL\nEVENT\nDELIVERY_ID\nCONTENT_TYPE\nBODY". The
+// timestamp lets a backend refuse replays; the channel keeps a body from
+// being replayed as another channel's; the event, delivery id and content
+// type keep a message from being replayed as a presence event, as a new
+// delivery or as binary. A header value cannot hold a newline, so no part
+// can be shifted into another.
+func sign(secret, timestamp string, item hookItem) string {
 	mac := hmac.New(sha256.New, []byte(secret))
-	mac.Write([]byte(timestamp + "." + channel + "."))
-	mac.Write(body)
+	for _, part := range []string{timestamp, item.channel, item.event, item.id, item.contentType} {
+		mac.Write([]byte(part + "\n"))
+	}
+	mac.Write(item.body)
 	return hex.EncodeToString(mac.Sum(nil))
 }
 
@@ -2778,6 +3001,9 @@ func (h *hub) routes() *http.ServeMux {
 
 // ServeHTTP routes a request; what no route takes gets a JSON 404 or 405.
 func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if c, ok := r.Context().Value(connKey{}).(*connActivity); ok {
+		defer c.serve(r)()
+	}
 	// prepare is a literal under the /channel/{publisher_token} wildcard:
 	// "GET /channel/prepare" is a wrong method, not a token.
 	if r.URL.Path == "/channel/prepare" && r.Method != http.MethodPost {
@@ -3103,8 +3329,9 @@ func (h *hub) handleDelete(w http.ResponseWriter, r *http.Request) {
 }
 
 // handleSubscribe connects a subscriber: a WebSocket upgrade, or an SSE
-// stream for "Accept: text/event-stream". Unknown tokens and origins
-// outside -allowed-origins are refused before any upgrade.
+// stream for "Accept: text/event-stream". Unknown tokens, origins outside
+// -allowed-origins and subscribers beyond the limits are refused before
+// any upgrade.
 func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	origin := r.Header.Get("Origin")
 	if !h.cfg.allowedOrigins.allow(origin) {
@@ -3123,31 +3350,74 @@ func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusServiceUnavailable, "ERR", "shutting down")
 		return
 	}
+	upgrade := strings.EqualFold(r.Header.Get("Upgrade"), "websocket")
+	stream := strings.Contains(r.Header.Get("Accept"), "text/event-stream")
 	switch {
-	case strings.EqualFold(r.Header.Get("Upgrade"), "websocket"):
-		h.subscribeWebSocket(w, r, ch)
-	case strings.Contains(r.Header.Get("Accept"), "text/event-stream") && r.Method == http.MethodHead:
+	case !upgrade && !stream:
+		reply(w, http.StatusBadRequest, "ERR", "expected a WebSocket upgrade, or Accept: text/event-stream")
+		return
+	case !upgrade && r.Method == http.MethodHead:
 		// A HEAD can receive no message: it gets the stream's headers,
 		// and neither takes the backlog nor counts as a listener.
 		setSSEHeaders(w, r)
 		w.WriteHeader(http.StatusOK)
-	case strings.Contains(r.Header.Get("Accept"), "text/event-stream"):
-		h.subscribeSSE(w, r, ch)
-	default:
-		reply(w, http.StatusBadRequest, "ERR", "expected a WebSocket upgrade, or Accept: text/event-stream")
+		return
 	}
+	if refusal := h.admit(ch); refusal != "" {
+		w.Header().Set("Connection", "close") // its file descriptor is what we lack
+		reply(w, http.StatusServiceUnavailable, "ERR", refusal)
+		return
+	}
+	if upgrade {
+		h.subscribeWebSocket(w, r, ch)
+	} else {
+		h.subscribeSSE(w, r, ch)
+	}
+}
+
+// admit counts a subscriber connection against -max-subscribers and
+// -max-subscribers-per-channel, or says why it may not connect. Each
+// admitted connection is released once closed.
+func (h *hub) admit(ch *channel) (refusal string) {
+	if h.connected.Add(1) > int64(h.cfg.maxSubscribers) {
+		h.connected.Add(-1)
+		h.stats.refusedDaemonFull.Add(1)
+		return fmt.Sprintf("too many subscribers: the daemon has its most, %d (-max-subscribers)", h.cfg.maxSubscribers)
+	}
+	ch.mu.Lock()
+	full := ch.connected >= h.cfg.maxSubscribersPerChannel
+	if !full {
+		ch.connected++
+	}
+	ch.mu.Unlock()
+	if full {
+		h.connected.Add(-1)
+		h.stats.refusedChannelFull.Add(1)
+		return fmt.Sprintf("too many subscribers: this channel has its most, %d (-max-subscribers-per-channel)", h.cfg.maxSubscribersPerChannel)
+	}
+	h.connections.Add(1)
+	return ""
+}
+
+// release ends what admit counted, once the connection is closed.
+func (h *hub) release(ch *channel) {
+	ch.mu.Lock()
+	ch.connected--
+	ch.mu.Unlock()
+	h.connected.Add(-1)
+	h.connections.Done()
 }
 
 // subscribeWebSocket upgrades. Our Handshake, unlike websocket.Handler's,
 // accepts clients without an Origin header (PHP, node, curl).
 func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *channel) {
+	// Admitted before the hijack, while Shutdown still waits for this
+	// request; released by the subscriber's reader, or here if it never runs.
 	if r.ProtoMajor != 1 {
+		h.release(ch)
 		reply(w, http.StatusHTTPVersionNotSupported, "ERR", "WebSocket needs HTTP/1.1")
 		return
 	}
-	// Counted before the hijack, while Shutdown still waits for this
-	// request; done by the subscriber's reader, or below if it never runs.
-	h.connections.Add(1)
 	s := h.newSubscriber(ch, "websocket")
 	conn := &keptConn{}
 	out := &frameBatch{pool: &h.batches, arm: func() error { return s.armWrite(writeWait) }, disarm: s.disarmWrite}
@@ -3177,7 +3447,7 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 		if joined { // the upgrade failed after the join
 			h.unjoin(ch, s)
 		}
-		h.connections.Done()
+		h.release(ch)
 	}
 }
 
@@ -3230,6 +3500,7 @@ func (c *keptConn) Close() error {
 // subscribeSSE streams Server-Sent Events until the client goes, the
 // channel is deleted or we shut down.
 func (h *hub) subscribeSSE(w http.ResponseWriter, r *http.Request, ch *channel) {
+	defer h.release(ch) // admitted by handleSubscribe
 	rc := http.NewResponseController(w)
 	// The stream outlives -read-timeout; the writer sets write deadlines.
 	if err := rc.SetReadDeadline(time.Time{}); err != nil {
@@ -3238,8 +3509,6 @@ func (h *hub) subscribeSSE(w http.ResponseWriter, r *http.Request, ch *channel) 
 	}
 	lastID, err := strconv.ParseUint(r.Header.Get("Last-Event-ID"), 10, 64)
 	resume := err == nil
-	h.connections.Add(1)
-	defer h.connections.Done()
 	s := h.newSubscriber(ch, "sse")
 	if !h.join(ch, s, resume, lastID) {
 		reply(w, http.StatusServiceUnavailable, "ERR", "channel deleted or shutting down")
@@ -3292,6 +3561,9 @@ func (h *hub) handleMetrics(w http.ResponseWriter, _ *http.Request) {
 	}
 	var mem runtime.MemStats
 	runtime.ReadMemStats(&mem)
+	h.hookWork.mu.Lock()
+	hooks := struct{ items, bytes, posting int }{h.hookWork.items, h.hookWork.bytes, h.hookWork.posting}
+	h.hookWork.mu.Unlock()
 	st := &h.stats
 	var b bytes.Buffer
 	for _, f := range []struct {
@@ -3309,11 +3581,23 @@ func (h *hub) handleMetrics(w http.ResponseWriter, _ *http.Request) {
 			{`reason="backlog_expired"`, st.droppedExpired.Load()}, {`reason="backlog_full"`, st.droppedBacklogFull.Load()},
 			{`reason="no_subscriber"`, st.droppedNoSubscriber.Load()}, {`reason="slow_subscriber"`, st.droppedSlow.Load()},
 			{`reason="subscriber_gone"`, st.droppedGone.Load()}}},
+		{"gockets_subscribers_limit", "gauge", "The most subscriber connections allowed, in all and per channel (-max-subscribers, -max-subscribers-per-channel).", []metricSample{
+			{`per="channel"`, int64(h.cfg.maxSubscribersPerChannel)}, {`per="daemon"`, int64(h.cfg.maxSubscribers)}}},
+		{"gockets_subscribers_refused_total", "counter", "Subscribers refused with 503 because a limit was reached.", []metricSample{
+			{`reason="channel_full"`, st.refusedChannelFull.Load()}, {`reason="daemon_full"`, st.refusedDaemonFull.Load()}}},
 		{"gockets_slow_subscriber_disconnects_total", "counter", "Subscribers closed because their send queue was full.", []metricSample{{"", st.slowDisconnects.Load()}}},
 		{"gockets_hook_requests_total", "counter", "POSTs to hooks, by result: ok (2xx) or error (no answer, timeout, other status).", []metricSample{
 			{`result="error"`, st.hookRetried.Load() + st.hookFailed.Load()}, {`result="ok"`, st.hookDelivered.Load()}}},
 		{"gockets_hook_dropped_total", "counter", "Subscriber messages and events that never reached a hook, by reason.", []metricSample{
-			{`reason="attempts_spent"`, st.hookFailed.Load()}, {`reason="no_hook"`, st.hookNoHook.Load()}, {`reason="queue_full"`, st.hookQueueFull.Load()}}},
+			{`reason="attempts_spent"`, st.hookFailed.Load()}, {`reason="no_hook"`, st.hookNoHook.Load()},
+			{`reason="queue_full"`, st.hookQueueFull.Load()}, {`reason="total_queue_full"`, st.hookTotalFull.Load()}}},
+		{"gockets_hook_queued", "gauge", "Subscriber messages and events waiting for a hook or being posted, all subscribers together.", []metricSample{{"", int64(hooks.items)}}},
+		{"gockets_hook_queued_bytes", "gauge", "Bytes of their bodies.", []metricSample{{"", int64(hooks.bytes)}}},
+		{"gockets_hook_queue_limit", "gauge", "The most that may be queued, all subscribers together; one subscriber's queue holds at most 256 and 4 MiB.", []metricSample{{"", hookTotalLimit}}},
+		{"gockets_hook_queue_limit_bytes", "gauge", "The most bytes that may be queued, all subscribers together.", []metricSample{{"", hookTotalBytes}}},
+		{"gockets_hook_posts_in_flight", "gauge", "POSTs to hooks under way now.", []metricSample{{"", int64(hooks.posting)}}},
+		{"gockets_hook_posts_limit", "gauge", "The most POSTs to hooks under way at once, in all and to one host.", []metricSample{
+			{`per="daemon"`, hookPosts}, {`per="host"`, hookPostsPerHost}}},
 		{"gockets_state_save_failures_total", "counter", "Failed writes of the state file or its journal.", []metricSample{{"", st.stateSaveFailure.Load()}}},
 		{"go_goroutines", "gauge", "Goroutines that exist now.", []metricSample{{"", int64(runtime.NumGoroutine())}}},
 		{"go_memstats_heap_alloc_bytes", "gauge", "Bytes of heap objects in use or not yet freed.", []metricSample{{"", int64(mem.HeapAlloc)}}},
@@ -3440,6 +3724,7 @@ func listen(cfg config, srv *http.Server) (net.Listener, error) {
 func newServer(cfg config, h *hub, log *slog.Logger) *http.Server {
 	return &http.Server{
 		Handler:           h,
+		ConnState:         h.requests.connState,
 		ReadHeaderTimeout: cfg.readHeaderTimeout,
 		ReadTimeout:       cfg.readTimeout,
 		WriteTimeout:      cfg.writeTimeout,
@@ -3450,7 +3735,7 @@ func newServer(cfg config, h *hub, log *slog.Logger) *http.Server {
 			if err := limitSendBuffer(c); err != nil {
 				log.Debug("set send buffer", "err", err)
 			}
-			return ctx
+			return h.requests.connContext(ctx, c)
 		},
 	}
 }
@@ -3468,18 +3753,137 @@ func limitSendBuffer(c net.Conn) error {
 
 // shutdown closes every subscriber with 1001, lets in-flight requests and
 // queued hook deliveries finish within shutdownTimeout, and writes the
-// state file.
+// state file. What it abandons then fails it, except requests that had not
+// even been received whole: a client trickling a body loses nothing it was
+// promised, and is named in a warning.
 func shutdown(srv *http.Server, h *hub) error {
-	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.shutdown)
 	defer cancel()
 	served := make(chan error, 1)
 	go func() { served <- srv.Shutdown(ctx) }() // closes the listeners at once
 	h.closeAll()                                // SSE streams end, so Shutdown can finish
-	errs := []error{<-served, h.wait(ctx)}
+	var errs []error
+	if err := <-served; err != nil {
+		received, partial := h.requests.unfinished()
+		for _, r := range partial {
+			h.log.Warn("shutdown: abandoned a request not received whole", "request", r)
+		}
+		if len(received) > 0 {
+			errs = append(errs, fmt.Errorf("abandoned %d request(s) still being handled: %s", len(received), strings.Join(received, ", ")))
+		}
+		if err := srv.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close connections: %w", err))
+		}
+	}
+	errs = append(errs, h.wait(ctx))
 	h.stop()
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	h.log.Info("stopped")
 	return nil
+}
+
+// requestWatch knows what each HTTP connection is doing, so that a
+// shutdown that runs out of time can say what it abandons.
+type requestWatch struct {
+	mu    sync.Mutex
+	conns map[net.Conn]*connActivity
+}
+
+// connActivity is one HTTP connection: its request under way, if any.
+type connActivity struct {
+	active   atomic.Bool                  // between a request's headers and the end of its reply
+	request  atomic.Pointer[http.Request] // the last one
+	handling atomic.Bool                  // a handler is running for it
+	body     atomic.Pointer[watchedBody]  // its body, nil when it has none
+}
+
+type connKey struct{}
+
+// connContext and connState are the server's hooks.
+func (rw *requestWatch) connContext(ctx context.Context, conn net.Conn) context.Context {
+	c := &connActivity{}
+	rw.mu.Lock()
+	if rw.conns == nil {
+		rw.conns = make(map[net.Conn]*connActivity)
+	}
+	rw.conns[conn] = c
+	rw.mu.Unlock()
+	return context.WithValue(ctx, connKey{}, c)
+}
+
+func (rw *requestWatch) connState(conn net.Conn, state http.ConnState) {
+	switch state {
+	case http.StateActive, http.StateIdle:
+		rw.mu.Lock()
+		c := rw.conns[conn]
+		rw.mu.Unlock()
+		if c != nil {
+			c.active.Store(state == http.StateActive)
+		}
+	case http.StateHijacked, http.StateClosed: // a subscriber's, or gone
+		rw.mu.Lock()
+		delete(rw.conns, conn)
+		rw.mu.Unlock()
+	}
+}
+
+// serve records a request whose handler starts, and returns what records
+// its end.
+func (c *connActivity) serve(r *http.Request) (end func()) {
+	c.request.Store(r)
+	c.body.Store(nil)
+	if r.Body != nil && r.Body != http.NoBody {
+		b := &watchedBody{ReadCloser: r.Body}
+		c.body.Store(b)
+		r.Body = b
+	}
+	c.handling.Store(true)
+	return func() { c.handling.Store(false) }
+}
+
+// watchedBody is a request body that knows whether it was read to the end.
+type watchedBody struct {
+	io.ReadCloser
+	whole atomic.Bool
+}
+
+func (b *watchedBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.whole.Store(true)
+	}
+	return n, err
+}
+
+// unfinished describes the requests of the connections still active: those
+// received whole whose handler still runs, and those whose body (or reply)
+// was still on its way. Tokens in paths appear as fingerprints.
+func (rw *requestWatch) unfinished() (received, partial []string) {
+	rw.mu.Lock()
+	defer rw.mu.Unlock()
+	for _, c := range rw.conns {
+		r := c.request.Load()
+		if !c.active.Load() || r == nil || strings.HasPrefix(r.URL.Path, "/channel/subscribe/") {
+			continue // an event stream is a subscriber: wait counts those
+		}
+		path := r.URL.Path
+		if i := strings.LastIndexByte(path, '/'); len(path)-i-1 > 16 {
+			path = path[:i+1] + "#" + fingerprint(path[i+1:])
+		}
+		desc := r.Method + " " + path + " from " + r.RemoteAddr
+		body := c.body.Load()
+		switch {
+		case body != nil && !body.whole.Load():
+			partial = append(partial, desc+": body not received whole")
+		case c.handling.Load():
+			received = append(received, desc)
+		default:
+			partial = append(partial, desc+": reply still being sent")
+		}
+	}
+	slices.Sort(received)
+	slices.Sort(partial)
+	return received, partial
 }
