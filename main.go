@@ -4,7 +4,8 @@
 // POSTs; what the browser sends back is POSTed to the backend's hook URL.
 //
 // This file reads top to bottom: flags and config, the hub and its channels,
-// channels on disk, a subscriber's life, hook delivery, HTTP handlers, main.
+// the seam where channels live, channels on disk, channels in Redis (several
+// nodes), a subscriber's life, hook delivery, HTTP handlers, main.
 // README.md has the API.
 package main
 
@@ -15,6 +16,7 @@ import (
 	"context"
 	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha1"
 	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/tls"
@@ -172,10 +174,12 @@ type config struct {
 	maxSubscribers           int // in all: each holds a file descriptor
 	maxSubscribersPerChannel int
 
-	stateFile  string
-	backlog    int           // messages kept per channel while nobody listens
-	backlogTTL time.Duration // how long they are kept
-	channelTTL time.Duration // idle channels are deleted after this; 0 never
+	stateFile   string
+	redis       *redisOptions // -redis: channels live in Redis, shared by several nodes
+	redisPrefix string        // keeps two deployments on one Redis apart
+	backlog     int           // messages kept per channel while nobody listens
+	backlogTTL  time.Duration // how long they are kept
+	channelTTL  time.Duration // idle channels are deleted after this; 0 never
 
 	// Settings no flag reaches, for tests.
 	sendQueue   int                          // sendQueueLimit
@@ -221,6 +225,7 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	var pingSeconds int
 	maxSubscribers := defaultMaxSubscribers()
 	var showVersion bool
+	var redisURL string
 	fs := flag.NewFlagSet("gockets", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.IntVar(&cfg.port, "port", 8844, "port of the server, 1-65535 (0 picks a free one)")
@@ -247,6 +252,8 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 	fs.IntVar(&cfg.maxSubscribers, "max-subscribers", maxSubscribers, "subscriber connections in all; more are refused with 503 (default: the open-files limit less room for the admin API and hooks)")
 	fs.IntVar(&cfg.maxSubscribersPerChannel, "max-subscribers-per-channel", maxSubscribers, "subscriber connections to one channel; more are refused with 503")
 	fs.StringVar(&cfg.stateFile, "state-file", "", "keep the channels in this file so that they survive restarts (default: in memory only)")
+	fs.StringVar(&redisURL, "redis", "", "share the channels with other nodes through Redis at redis://[user:password@]host:port/db or rediss:// (better set as "+envName("redis")+"; default: this process only)")
+	fs.StringVar(&cfg.redisPrefix, "redis-prefix", "gockets:", "prefix of every Redis key and Pub/Sub channel of this deployment")
 	fs.IntVar(&cfg.backlog, "backlog", 100, "messages kept per channel while it has no subscriber, for the next one (0-1000)")
 	fs.DurationVar(&cfg.backlogTTL, "backlog-ttl", time.Minute, "how long a kept message waits for a subscriber")
 	fs.DurationVar(&cfg.channelTTL, "channel-ttl", 0, "delete a channel after this long without subscriber or publish (0: never)")
@@ -323,6 +330,17 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (c
 		return cfg, usageError{errors.New("-tls-cert and -tls-key go together")}
 	case cfg.bind != "" && net.ParseIP(cfg.bind) == nil && !validHost(cfg.bind):
 		return cfg, usageError{fmt.Errorf("%s %q is not an address", source["bind"], cfg.bind)}
+	case redisURL != "" && cfg.stateFile != "":
+		return cfg, usageError{fmt.Errorf("%s and %s do not go together: with Redis, Redis is the store now (its own persistence keeps the channels)", source["redis"], source["state-file"])}
+	case redisURL != "" && cfg.channelTTL > 0:
+		return cfg, usageError{fmt.Errorf("%s is not available with %s yet", source["channel-ttl"], source["redis"])}
+	}
+	if redisURL != "" {
+		opts, err := parseRedisURL(redisURL)
+		if err != nil {
+			return cfg, usageError{fmt.Errorf("%s: %w", source["redis"], err)}
+		}
+		cfg.redis = opts
 	}
 	cfg.pingInterval = time.Duration(pingSeconds) * time.Second
 	return cfg, nil
@@ -508,6 +526,8 @@ type hub struct {
 	hooks *http.Client
 	store *store // nil without -state-file
 	stats stats
+	// engine is where channels live: here, or in Redis with -redis.
+	engine engine
 
 	mu           sync.RWMutex
 	byPublisher  map[string]*channel
@@ -580,6 +600,7 @@ type channel struct {
 	lastActive  time.Time     // last prepare, edit, publish, join or leave
 	connected   int           // subscriber connections admitted and not yet closed
 	deleted     bool
+	shared      *sharedChannel // with -redis: this node's part of a channel in Redis; else nil
 }
 
 // message is one published body, read once and shared by every subscriber.
@@ -609,6 +630,14 @@ func newMessage(buf []byte, isBinary bool, at time.Time) *message {
 	start := frameHeadroom - len(h)
 	copy(buf[start:], h)
 	return &message{data: data, binary: isBinary, at: at, frame: buf[start:]}
+}
+
+// messageOf makes a message of data that was read without headroom (from
+// Redis): one copy, for the frame.
+func messageOf(data []byte, isBinary bool, at time.Time) *message {
+	buf := make([]byte, frameHeadroom+len(data))
+	copy(buf[frameHeadroom:], data)
+	return newMessage(buf, isBinary, at)
 }
 
 // appendFrameHeader appends the header of an unmasked frame that is a whole
@@ -659,6 +688,16 @@ func newHub(cfg config, log *slog.Logger) (*hub, error) {
 	h.batches.New = func() any { return new([]byte) }
 	h.claims.New = func() any { return new([]*subscriber) }
 	h.mux = h.routes()
+	h.engine = memoryEngine{h}
+	if cfg.redis != nil {
+		r, err := newRedisEngine(h)
+		if err != nil {
+			return nil, err
+		}
+		h.engine = r
+		// The backlog lives in Redis: the hub keeps none of its own.
+		h.cfg.backlog = 0
+	}
 	if cfg.stateFile != "" {
 		st, saved, err := openStore(cfg.stateFile, cfg.writeSynced, log, &h.stats)
 		if err != nil {
@@ -674,10 +713,14 @@ func newHub(cfg config, log *slog.Logger) (*hub, error) {
 	return h, nil
 }
 
-// start runs the janitor and the store until stop.
+// start runs the janitor and the store (or the Redis connections) until
+// stop.
 func (h *hub) start() {
 	if h.store != nil {
 		h.background.Go(func() { h.store.run(h.quit) })
+	}
+	if r, ok := h.engine.(*redisEngine); ok {
+		r.start()
 	}
 	if tick := h.janitorInterval(); tick > 0 {
 		h.background.Go(func() { h.janitor(tick) })
@@ -886,6 +929,9 @@ func (h *hub) publish(ch *channel, m *message) (subscribers int, queued, ok bool
 	}
 	ch.lastID++
 	m.id, ch.lastActive = ch.lastID, m.at
+	if m.frame == nil { // made without newMessage or messageOf: subscribers would get nothing
+		m.frame = messageOf(m.data, m.binary, m.at).frame
+	}
 	for i := 0; i < len(ch.subscribers); i++ {
 		s := ch.subscribers[i]
 		switch s.offer(m) {
@@ -1042,6 +1088,9 @@ func (ch *channel) removeLocked(s *subscriber) {
 	ch.subscribers = ch.subscribers[:last]
 	s.index = -1
 	ch.lastActive = time.Now()
+	if ch.shared != nil {
+		ch.shared.countChangedLocked(ch)
+	}
 }
 
 // hookDestination is where frames from this channel's subscribers go now.
@@ -1228,6 +1277,135 @@ func validHost(host string) bool {
 		return true
 	}
 	return host != "" && strings.Trim(host, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_") == ""
+}
+
+// ---- The seam: where channels live ----
+
+// engine is everything the routes do to channels. memoryEngine keeps them
+// in this process (the hub above, with -state-file on disk); redisEngine
+// keeps them in Redis, shared by every node on it. Handlers, subscribers
+// and hooks do not know which one runs: a subscriber always joins a
+// *channel of this process, which holds this node's subscribers of it.
+//
+// What holds with either engine:
+//   - A change (prepare, edit, delete) that returned nil holds for the very
+//     next call, on any node.
+//   - Every subscriber of a channel gets its messages once each, in one
+//     order, the same for all subscribers: publish order (with Redis, the
+//     order in which Redis took them, whichever node they came through).
+//   - A subscriber gets what was kept for it (published while the channel
+//     had no subscriber, not yet handed to one, within -backlog and
+//     -backlog-ttl), then every message published after its join: a
+//     publish that races with a join is either kept and handed over at the
+//     join, or delivered live, never both and never neither. With Redis a
+//     join counts as a subscriber for every publish that Redis takes after
+//     it; one that leaves still counts for publishes already under way.
+//   - Errors: errNotFound for an unknown token; any other error means the
+//     change could not be made durable (state file) or could not reach
+//     Redis, and is answered 503. A publish answered 503 may still reach
+//     subscribers (Redis took it, its answer did not come back in time); one
+//     answered 200 is never lost while Redis keeps its data.
+type engine interface {
+	prepare(ctx context.Context, opts channelOptions) (channelJSON, error)
+	show(ctx context.Context, publisherToken string) (channelJSON, error)
+	list(ctx context.Context, match *regexp.Regexp) ([]channelJSON, error)
+	edit(ctx context.Context, publisherToken string, opts channelOptions) (channelJSON, error)
+	// publish says how many subscribers the message was handed to (with
+	// Redis, the last known count across nodes), or that it was kept.
+	publish(ctx context.Context, publisherToken string, m *message) (subscribers int, queued bool, err error)
+	// remove deletes a channel and closes its subscribers, on every node,
+	// with 1000; it returns the subscriber token, for the log.
+	remove(ctx context.Context, publisherToken string) (subscriberToken string, err error)
+	// find returns this process's channel for a subscriber token, to join.
+	find(ctx context.Context, subscriberToken string) (*channel, error)
+	// join adds a subscriber and hands it what waited for it; false when
+	// the channel is gone, we shut down, or Redis cannot be reached.
+	join(ch *channel, s *subscriber, resume bool, lastID uint64) bool
+	unjoin(ch *channel, s *subscriber)
+	// health is nil while the engine can serve every route.
+	health() error
+}
+
+var errNotFound = errors.New("token not found")
+
+// memoryEngine is the hub itself: channels in this process only.
+type memoryEngine struct{ h *hub }
+
+func (e memoryEngine) prepare(ctx context.Context, opts channelOptions) (channelJSON, error) {
+	ch, seq := e.h.prepare(opts)
+	return ch.view(), e.h.durable(ctx, seq)
+}
+
+func (e memoryEngine) show(_ context.Context, token string) (channelJSON, error) {
+	ch := e.h.byPublisherToken(token)
+	if ch == nil {
+		return channelJSON{}, errNotFound
+	}
+	return ch.view(), nil
+}
+
+func (e memoryEngine) list(_ context.Context, match *regexp.Regexp) ([]channelJSON, error) {
+	return e.h.channels(match), nil
+}
+
+func (e memoryEngine) edit(ctx context.Context, token string, opts channelOptions) (channelJSON, error) {
+	ch := e.h.byPublisherToken(token)
+	if ch == nil {
+		return channelJSON{}, errNotFound
+	}
+	seq, ok := e.h.edit(ch, opts)
+	if !ok {
+		return channelJSON{}, errNotFound
+	}
+	return ch.view(), e.h.durable(ctx, seq)
+}
+
+func (e memoryEngine) publish(_ context.Context, token string, m *message) (int, bool, error) {
+	ch := e.h.byPublisherToken(token)
+	if ch == nil {
+		return 0, false, errNotFound
+	}
+	n, queued, ok := e.h.publish(ch, m)
+	if !ok {
+		return 0, false, errNotFound
+	}
+	return n, queued, nil
+}
+
+func (e memoryEngine) remove(ctx context.Context, token string) (string, error) {
+	ch := e.h.byPublisherToken(token)
+	if ch == nil {
+		return "", errNotFound
+	}
+	seq, ok := e.h.delete(ch, farewell{closeNormal, "channel deleted", true}, 0)
+	if !ok {
+		return "", errNotFound
+	}
+	return ch.subscriberToken, e.h.durable(ctx, seq)
+}
+
+func (e memoryEngine) find(_ context.Context, token string) (*channel, error) {
+	if ch := e.h.bySubscriberToken(token); ch != nil {
+		return ch, nil
+	}
+	return nil, errNotFound
+}
+
+func (e memoryEngine) join(ch *channel, s *subscriber, resume bool, lastID uint64) bool {
+	return e.h.join(ch, s, resume, lastID)
+}
+
+func (e memoryEngine) unjoin(ch *channel, s *subscriber) { e.h.unjoin(ch, s) }
+
+func (e memoryEngine) health() error { return nil }
+
+// durable waits until change seq is on disk; the change stays in memory
+// and is saved when the disk allows.
+func (h *hub) durable(ctx context.Context, seq uint64) error {
+	if err := h.store.wait(ctx, seq); err != nil {
+		return fmt.Errorf("done in memory but not saved to the state file, it will be when the disk allows: %w", err)
+	}
+	return nil
 }
 
 // ---- Channels on disk ----
@@ -1692,6 +1870,1603 @@ func (h *hub) snapshot() snapshot {
 		snap.Channels = append(snap.Channels, ch.stored())
 	}
 	return snap
+}
+
+// ---- Channels in Redis: several nodes ----
+
+// With -redis, channels live in Redis and every node serves every channel.
+// Redis holds, under -redis-prefix (P):
+//
+//	P:ch:PUB      hash: sub, hook, tag, seq, last (id of the latest
+//	              message), handed (messages up to this id reached some
+//	              subscriber, or were kept and handed to one)
+//	P:sub:SUB     the publisher token of a subscriber token
+//	P:channels    sorted set of publisher tokens, in order of preparation
+//	P:seq         the last preparation number
+//	P:log:PUB     Stream of the channel's latest messages (the backlog, and
+//	              what a node reads to fill a gap), trimmed and expiring
+//	P:nodes       sorted set of live nodes, scored by when they expire
+//	P:node:ID     hash: this node's subscribers per channel; expires with
+//	              the node, so a dead node's counts vanish by themselves
+//	P:events      Pub/Sub channel: every publish, edit and delete, for
+//	              every node
+//
+// One Lua script per change makes it atomic: a publish checks the channel,
+// appends to its stream and announces it with the previous id in one step,
+// so every node sees messages in one order and notices a gap (a lost
+// announcement: the previous id is not the last one it delivered), which it
+// fills from the stream.
+
+// Timings and sizes of the Redis engine, each with its reason.
+const (
+	// redisCommandTimeout bounds a command from write to reply: a change
+	// answers 503 within 2 s when Redis does not answer.
+	redisCommandTimeout = 1500 * time.Millisecond
+	// redisReconnectWait is how long a request waits for a connection that
+	// is being replaced, on top of redisCommandTimeout: still within 2 s.
+	redisReconnectWait = 400 * time.Millisecond
+	// redisDialTimeout bounds connecting, TLS and AUTH included.
+	redisDialTimeout = 1500 * time.Millisecond
+	// After losing Redis, a node tries again after redisBackoffMin, twice as
+	// long each time up to redisBackoffMax, each wait ±50% at random so that
+	// nodes do not come back in step. It never gives up.
+	redisBackoffMin = 100 * time.Millisecond
+	redisBackoffMax = 5 * time.Second
+	// The Pub/Sub connection is probed with PING every redisProbeInterval;
+	// one silent for redisSilenceLimit is dead (a cut network says nothing),
+	// so /healthz turns 503 within a few seconds, never "connected" while
+	// receiving nothing.
+	redisProbeInterval = time.Second
+	redisSilenceLimit  = 3 * time.Second
+	// A node refreshes its liveness every presenceInterval; its counts
+	// vanish nodeTTL after it stops (kill -9), within the 15 s promised.
+	presenceInterval = time.Second
+	nodeTTL          = 10 * time.Second
+	// localIdleRounds: a channel this node follows for its subscribers is
+	// forgotten after this many presence rounds without one.
+	localIdleRounds = 5
+	// streamMinLength and streamMinTTL keep a channel's stream long enough
+	// for a node to fill a gap after a short outage, even with -backlog 0.
+	streamMinLength = 100
+	streamMinTTL    = time.Minute
+	// RESP limits: a reply bigger or deeper than these is a broken stream.
+	respMaxBulk  = 512 << 20 // Redis's own proto-max-bulk-len
+	respMaxArray = 1 << 24
+	respMaxDepth = 4
+	respMaxLine  = 64 << 10
+)
+
+// redisOptions is a parsed -redis URL.
+type redisOptions struct {
+	addr, host     string
+	tls            bool
+	user, password string
+	db             int
+}
+
+// parseRedisURL reads redis://[user:password@]host:port/db or rediss://.
+func parseRedisURL(raw string) (*redisOptions, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return nil, errors.New("not a URL such as redis://127.0.0.1:6379/0")
+	}
+	o := &redisOptions{host: u.Hostname()}
+	switch u.Scheme {
+	case "redis":
+	case "rediss":
+		o.tls = true
+	default:
+		return nil, fmt.Errorf("scheme %q: use redis:// or rediss://", u.Scheme)
+	}
+	if o.host == "" || !validHost(o.host) {
+		return nil, errors.New("no host: use redis://host:port/db")
+	}
+	port := u.Port()
+	if port == "" {
+		port = "6379"
+	}
+	o.addr = net.JoinHostPort(o.host, port)
+	if u.User != nil {
+		o.password, _ = u.User.Password()
+		o.user = u.User.Username()
+		if o.password == "" { // redis://:password@ or redis://password@
+			o.user, o.password = "", o.user
+		}
+	}
+	if db := strings.Trim(u.Path, "/"); db != "" {
+		if o.db, err = strconv.Atoi(db); err != nil || o.db < 0 {
+			return nil, fmt.Errorf("database %q is not a number", db)
+		}
+	}
+	if u.RawQuery != "" || u.Fragment != "" {
+		return nil, errors.New("no query or fragment is understood")
+	}
+	return o, nil
+}
+
+// ---- RESP2: the part of Redis's protocol the engine uses ----
+
+// respError is an error reply from Redis.
+type respError string
+
+func (e respError) Error() string { return "redis: " + string(e) }
+
+// errProtocol is a reply that is not RESP2: the connection is closed.
+var errProtocol = errors.New("redis: malformed reply")
+
+// appendCommand encodes a command as an array of bulk strings.
+func appendCommand(b []byte, args ...any) []byte {
+	b = strconv.AppendInt(append(b, '*'), int64(len(args)), 10)
+	b = append(b, "\r\n"...)
+	for _, a := range args {
+		var s []byte
+		switch v := a.(type) {
+		case string:
+			b = strconv.AppendInt(append(b, '$'), int64(len(v)), 10)
+			b = append(append(append(b, "\r\n"...), v...), "\r\n"...)
+			continue
+		case []byte:
+			s = v
+		case int:
+			s = strconv.AppendInt(nil, int64(v), 10)
+		case int64:
+			s = strconv.AppendInt(nil, v, 10)
+		case uint64:
+			s = strconv.AppendUint(nil, v, 10)
+		default:
+			panic(fmt.Sprintf("redis argument of type %T", a))
+		}
+		b = strconv.AppendInt(append(b, '$'), int64(len(s)), 10)
+		b = append(append(append(b, "\r\n"...), s...), "\r\n"...)
+	}
+	return b
+}
+
+// readReply reads one reply: string (simple), []byte (bulk), int64, nil,
+// respError or []any (array).
+func readReply(r *bufio.Reader) (any, error) { return readReplyDepth(r, 0) }
+
+func readReplyDepth(r *bufio.Reader, depth int) (any, error) {
+	line, err := r.ReadSlice('\n')
+	switch {
+	case errors.Is(err, bufio.ErrBufferFull):
+		return nil, errProtocol
+	case err != nil:
+		return nil, err
+	case len(line) < 3 || line[len(line)-2] != '\r':
+		return nil, errProtocol
+	}
+	kind, body := line[0], line[1:len(line)-2]
+	switch kind {
+	case '+':
+		return string(body), nil
+	case '-':
+		return respError(body), nil
+	case ':':
+		n, err := strconv.ParseInt(string(body), 10, 64)
+		if err != nil {
+			return nil, errProtocol
+		}
+		return n, nil
+	}
+	n, err := strconv.ParseInt(string(body), 10, 64)
+	if err != nil || n < -1 {
+		return nil, errProtocol
+	}
+	switch kind {
+	case '$':
+		if n < 0 {
+			return nil, nil
+		}
+		if n > respMaxBulk {
+			return nil, errProtocol
+		}
+		data, err := readBulk(r, int(n))
+		if err != nil {
+			return nil, err
+		}
+		return data, nil
+	case '*':
+		if n < 0 {
+			return nil, nil
+		}
+		if n > respMaxArray || depth >= respMaxDepth {
+			return nil, errProtocol
+		}
+		items := make([]any, 0, min(n, 1024)) // grows with what arrives, not with what is claimed
+		for range n {
+			item, err := readReplyDepth(r, depth+1)
+			if err != nil {
+				return nil, err
+			}
+			items = append(items, item)
+		}
+		return items, nil
+	}
+	return nil, errProtocol
+}
+
+// readBulk reads n bytes and the CRLF after them. A big one grows as the
+// bytes arrive, so that a bogus length costs no memory up front.
+func readBulk(r *bufio.Reader, n int) ([]byte, error) {
+	var data []byte
+	if n <= respMaxLine {
+		data = make([]byte, n+2)
+		if _, err := io.ReadFull(r, data); err != nil {
+			return nil, err
+		}
+	} else {
+		var buf bytes.Buffer
+		if _, err := io.CopyN(&buf, r, int64(n)+2); err != nil {
+			return nil, err
+		}
+		data = buf.Bytes()
+	}
+	if data[n] != '\r' || data[n+1] != '\n' {
+		return nil, errProtocol
+	}
+	return data[:n:n], nil
+}
+
+// replyString is a bulk or simple string reply as a string; "" for nil.
+func replyString(v any) string {
+	switch s := v.(type) {
+	case []byte:
+		return string(s)
+	case string:
+		return s
+	}
+	return ""
+}
+
+// replyOptional is a bulk reply that may be nil, as *string.
+func replyOptional(v any) *string {
+	if b, ok := v.([]byte); ok {
+		s := string(b)
+		return &s
+	}
+	return nil
+}
+
+// ---- A Redis connection that pipelines, and comes back by itself ----
+
+// redisClient is one connection for commands, shared by every request:
+// commands are written in the order they are issued and their replies read
+// in the same order by one reader, so callers that issue while holding a
+// lock get Redis to apply their commands in that lock's order. Any I/O
+// error, malformed reply or timeout closes the connection and fails every
+// command waiting on it (a late reply could otherwise answer the wrong
+// command); keep reconnects forever.
+type redisClient struct {
+	opts *redisOptions
+	log  *slog.Logger
+
+	mu   sync.Mutex
+	conn *redisConn    // nil while down
+	down error         // why it is down; nil once connected
+	ever bool          // connected at least once
+	up   chan struct{} // closed and replaced at each connection
+}
+
+type redisConn struct {
+	net.Conn
+	br       *bufio.Reader
+	out      []byte        // commands not written yet, in order; under the client's mu
+	spare    []byte        // the last buffer written, for reuse; under mu
+	flushing bool          // a sender is writing out; under mu
+	pending  []*redisCall  // sent, waiting for their reply, in order; under mu
+	more     chan struct{} // pending grew, or the connection closed
+	closed   bool
+}
+
+// redisCall is one command on its way; done receives its outcome once.
+type redisCall struct {
+	deadline time.Time
+	done     chan redisResult // nil: nobody waits (its error is logged)
+	what     any              // the command's name, for that log
+}
+
+type redisResult struct {
+	reply any
+	err   error
+}
+
+func (c *redisCall) finish(log *slog.Logger, reply any, err error) {
+	if c.done != nil {
+		c.done <- redisResult{reply, err}
+	} else if err == nil {
+		if e, ok := reply.(respError); ok {
+			err = e
+		}
+	}
+	if c.done == nil && err != nil {
+		log.Warn("redis command failed", "command", c.what, "err", err)
+	}
+}
+
+// wait returns the reply, or the error that kept it away; an error reply
+// from Redis is an error too.
+func (c *redisCall) wait() (any, error) {
+	r := <-c.done
+	if e, ok := r.reply.(respError); ok && r.err == nil {
+		return nil, e
+	}
+	return r.reply, r.err
+}
+
+// unavailable says why Redis cannot be reached, for a 503 and /healthz.
+// unsent: the command was never written, so sending it again is safe.
+type unavailable struct {
+	err    error
+	unsent bool
+}
+
+func (e unavailable) Error() string { return "cannot reach Redis: " + e.err.Error() }
+func (e unavailable) Unwrap() error { return e.err }
+
+// send issues a command without waiting for its reply. quiet: nobody will
+// wait; a failure is only logged.
+func (c *redisClient) send(quiet bool, args ...any) *redisCall {
+	call := &redisCall{what: args[0]}
+	if !quiet {
+		call.done = make(chan redisResult, 1)
+	}
+	c.mu.Lock()
+	rc := c.conn
+	if rc == nil {
+		err := c.down
+		c.mu.Unlock()
+		if err == nil {
+			err = errors.New("not connected yet")
+		}
+		call.finish(c.log, nil, unavailable{err, true})
+		return call
+	}
+	call.deadline = time.Now().Add(redisCommandTimeout)
+	rc.out = appendCommand(rc.out, args...)
+	rc.pending = append(rc.pending, call)
+	select {
+	case rc.more <- struct{}{}:
+	default:
+	}
+	if rc.flushing { // the sender writing now writes this command too
+		c.mu.Unlock()
+		return call
+	}
+	// This sender writes what is gathered, and what gathers meanwhile:
+	// concurrent commands share a write.
+	rc.flushing = true
+	for len(rc.out) > 0 {
+		out := rc.out
+		rc.out = rc.spare[:0]
+		c.mu.Unlock()
+		err := rc.SetWriteDeadline(time.Now().Add(redisCommandTimeout))
+		if err == nil {
+			_, err = rc.Write(out)
+		}
+		c.mu.Lock()
+		if cap(out) <= 64<<10 { // a big publish: do not keep its buffer
+			rc.spare = out[:0]
+		}
+		if err != nil {
+			rc.flushing = false
+			c.mu.Unlock()
+			c.lost(rc, err) // fails every command written or not
+			return call
+		}
+	}
+	rc.flushing = false
+	c.mu.Unlock()
+	return call
+}
+
+// do issues a command and waits for its reply.
+func (c *redisClient) do(args ...any) (any, error) { return c.send(false, args...).wait() }
+
+// read is the reader of rc: it hands each reply to the oldest command
+// waiting, until the connection fails. A command is taken out of pending
+// under mu before its reply is handed over, so that lost, which fails what
+// is left in pending, never answers a command twice.
+func (c *redisClient) read(rc *redisConn) {
+	var call *redisCall // the oldest command waiting
+	for {
+		if call == nil {
+			c.mu.Lock()
+			closed := rc.closed
+			if len(rc.pending) > 0 {
+				call = rc.pending[0]
+			}
+			c.mu.Unlock()
+			if closed {
+				return
+			}
+			if call == nil {
+				<-rc.more
+				continue
+			}
+		}
+		err := rc.SetReadDeadline(call.deadline)
+		var reply any
+		if err == nil {
+			reply, err = readReply(rc.br)
+		}
+		if err != nil {
+			if isTimeout(err) {
+				err = fmt.Errorf("no answer within %v: %w", redisCommandTimeout, err)
+			}
+			c.lost(rc, err)
+			return
+		}
+		c.mu.Lock()
+		if rc.closed { // lost has failed it already
+			c.mu.Unlock()
+			return
+		}
+		rc.pending[0] = nil
+		rc.pending = rc.pending[1:]
+		answered := call
+		call = nil
+		if len(rc.pending) > 0 {
+			call = rc.pending[0]
+		}
+		c.mu.Unlock()
+		answered.finish(c.log, reply, nil)
+	}
+}
+
+// lost closes rc and fails what waits on it.
+func (c *redisClient) lost(rc *redisConn, err error) {
+	c.mu.Lock()
+	if c.conn == rc {
+		c.conn, c.down = nil, err
+	}
+	waiting := rc.pending
+	rc.pending, rc.out, rc.closed = nil, nil, true
+	c.mu.Unlock()
+	rc.Close()
+	select {
+	case rc.more <- struct{}{}:
+	default:
+	}
+	for _, call := range waiting {
+		call.finish(c.log, nil, unavailable{err: err})
+	}
+}
+
+// awaitUp waits until a connection is up, for at most wait: a request that
+// comes while a lost connection is being replaced waits for the new one
+// rather than failing at once.
+func (c *redisClient) awaitUp(wait time.Duration) bool {
+	c.mu.Lock()
+	up, connected := c.up, c.conn != nil
+	c.mu.Unlock()
+	if connected {
+		return true
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-up:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+// health is nil while connected.
+func (c *redisClient) health() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.conn != nil {
+		return nil
+	}
+	if c.down == nil {
+		return unavailable{err: errors.New("not connected yet")}
+	}
+	return unavailable{err: c.down}
+}
+
+// keep connects, serves the connection until it fails, and connects again,
+// forever, with capped backoff and jitter, until ctx ends. connected runs on
+// every new connection, on a goroutine of its own, so that it may issue
+// commands.
+func (c *redisClient) keep(ctx context.Context, first net.Conn, connected func()) {
+	backoff := redisBackoffMin
+	for {
+		conn, err := first, error(nil)
+		first = nil
+		if conn == nil {
+			conn, err = c.opts.dial(ctx)
+		}
+		if err == nil {
+			rc := &redisConn{Conn: conn, br: bufio.NewReaderSize(conn, respMaxLine), more: make(chan struct{}, 1)}
+			c.mu.Lock()
+			c.conn, c.down = rc, nil
+			close(c.up)
+			c.up = make(chan struct{})
+			if c.ever {
+				c.log.Info("redis connected again", "addr", c.opts.addr)
+			}
+			c.ever = true
+			c.mu.Unlock()
+			stopWatch := context.AfterFunc(ctx, func() { c.lost(rc, errors.New("shutting down")) })
+			done := make(chan struct{})
+			go func() { defer close(done); connected() }()
+			c.read(rc)
+			stopWatch()
+			<-done
+			backoff = redisBackoffMin
+			c.mu.Lock()
+			err = c.down
+			c.mu.Unlock()
+		} else {
+			c.mu.Lock()
+			c.down = err
+			c.mu.Unlock()
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		c.log.Warn("redis connection lost; connecting again", "addr", c.opts.addr, "err", err, "in", backoff)
+		if !sleep(ctx, jitter(backoff)) {
+			return
+		}
+		backoff = min(2*backoff, redisBackoffMax)
+	}
+}
+
+// jitter is d ±50%, at random.
+func jitter(d time.Duration) time.Duration {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	f := float64(uint64(b[0])|uint64(b[1])<<8|uint64(b[2])<<16) / float64(1<<24)
+	return time.Duration(float64(d) * (0.5 + f))
+}
+
+// sleep waits d; false when ctx ended first.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// authError is a refused AUTH: a wrong password, not an outage.
+type authError struct{ err error }
+
+func (e authError) Error() string {
+	return "redis refused the password (check the user and password in -redis): " + e.err.Error()
+}
+
+// dial connects, with TLS for rediss://, and sends AUTH and SELECT: every
+// connection, the first and each one after a loss, starts the same.
+func (o *redisOptions) dial(ctx context.Context) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, redisDialTimeout)
+	defer cancel()
+	d := net.Dialer{KeepAlive: 15 * time.Second}
+	conn, err := d.DialContext(ctx, "tcp", o.addr)
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s: %w", o.addr, err)
+	}
+	deadline, _ := ctx.Deadline()
+	if err := conn.SetDeadline(deadline); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	if o.tls {
+		tc := tls.Client(conn, &tls.Config{ServerName: o.host, MinVersion: tls.VersionTLS12})
+		if err := tc.HandshakeContext(ctx); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("TLS with %s: %w", o.addr, err)
+		}
+		conn = tc
+	}
+	br := bufio.NewReader(conn)
+	hello := func(args ...any) error {
+		if _, err := conn.Write(appendCommand(nil, args...)); err != nil {
+			return err
+		}
+		reply, err := readReply(br)
+		if err != nil {
+			return err
+		}
+		if e, ok := reply.(respError); ok {
+			return e
+		}
+		return nil
+	}
+	if o.password != "" {
+		args := []any{"AUTH", o.password}
+		if o.user != "" {
+			args = []any{"AUTH", o.user, o.password}
+		}
+		if err := hello(args...); err != nil {
+			conn.Close()
+			var re respError
+			if errors.As(err, &re) {
+				return nil, authError{err}
+			}
+			return nil, fmt.Errorf("AUTH: %w", err)
+		}
+	}
+	if o.db != 0 {
+		if err := hello("SELECT", o.db); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("SELECT %d: %w", o.db, err)
+		}
+	}
+	// A frozen Redis still accepts connections (the kernel does): only an
+	// answer shows that it runs. Commands are never queued on a connection
+	// that did not answer, to be applied when Redis wakes up.
+	if err := hello("PING"); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("PING: %w", err)
+	}
+	if br.Buffered() > 0 {
+		conn.Close()
+		return nil, errProtocol
+	}
+	if err := conn.SetDeadline(time.Time{}); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return conn, nil
+}
+
+// ---- The Redis engine ----
+
+// redisScript is a Lua script run with EVALSHA, and EVAL when Redis does not
+// know it (NOSCRIPT: after a restart).
+type redisScript struct{ src, sha string }
+
+func newScript(body string) *redisScript {
+	src := luaPrelude + body
+	sum := sha1.Sum([]byte(src))
+	return &redisScript{src, hex.EncodeToString(sum[:])}
+}
+
+// luaPrelude is shared by the scripts. ARGV[1] is always the key prefix.
+// Keys are named in the scripts, not passed in KEYS: this engine runs on one
+// Redis (or a primary with replicas), not on Redis Cluster.
+const luaPrelude = `
+local P = ARGV[1]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function listeners(pub, now)
+  local n = 0
+  for _, node in ipairs(redis.call('ZRANGEBYSCORE', P .. 'nodes', now, '+inf')) do
+    n = n + (tonumber(redis.call('HGET', P .. 'node:' .. node, pub)) or 0)
+  end
+  return n
+end
+local function view(pub, now)
+  local f = redis.call('HMGET', P .. 'ch:' .. pub, 'sub', 'hook', 'tag')
+  if not f[1] then return false end
+  return {pub, f[1], f[2], f[3], listeners(pub, now)}
+end
+`
+
+var (
+	// ARGV: P, pub, sub, has hook, hook, has tag, tag. 0: a token is taken.
+	prepareScript = newScript(`
+local ch, sub = P .. 'ch:' .. ARGV[2], P .. 'sub:' .. ARGV[3]
+if redis.call('EXISTS', ch, sub) > 0 then return 0 end
+local seq = redis.call('INCR', P .. 'seq')
+redis.call('HSET', ch, 'sub', ARGV[3], 'seq', seq)
+if ARGV[4] == '1' then redis.call('HSET', ch, 'hook', ARGV[5]) end
+if ARGV[6] == '1' then redis.call('HSET', ch, 'tag', ARGV[7]) end
+redis.call('SET', sub, ARGV[2])
+redis.call('ZADD', P .. 'channels', seq, ARGV[2])
+return 1`)
+
+	// ARGV: P, pub.
+	showScript = newScript(`return view(ARGV[2], now_ms())`)
+
+	// ARGV: P. Every channel, oldest first.
+	listScript = newScript(`
+local now, out = now_ms(), {}
+for _, pub in ipairs(redis.call('ZRANGE', P .. 'channels', 0, -1)) do
+  local v = view(pub, now)
+  if v then out[#out + 1] = v end
+end
+return out`)
+
+	// ARGV: P, pub, set hook, hook ('' clears it), set tag, tag. Nodes
+	// learn the new hook URL from the announcement.
+	editScript = newScript(`
+local ch = P .. 'ch:' .. ARGV[2]
+if redis.call('EXISTS', ch) == 0 then return false end
+if ARGV[3] == '1' then
+  if ARGV[4] == '' then redis.call('HDEL', ch, 'hook') else redis.call('HSET', ch, 'hook', ARGV[4]) end
+  redis.call('PUBLISH', P .. 'events', 'e ' .. ARGV[2] .. ' ' .. ARGV[4])
+end
+if ARGV[5] == '1' then
+  if ARGV[6] == '' then redis.call('HDEL', ch, 'tag') else redis.call('HSET', ch, 'tag', ARGV[6]) end
+end
+return view(ARGV[2], now_ms())`)
+
+	// ARGV: P, pub, data, binary (0/1), stream length, stream TTL (ms).
+	// The message id is the stream id: above the last one, also after the
+	// stream expired or the clock went back; the sequence stays below 2^20
+	// so that ms<<20|seq is the SSE id. Returns the subscribers on live
+	// nodes: with none, the message waits (handed stays where it was).
+	publishScript = newScript(`
+local ch = P .. 'ch:' .. ARGV[2]
+if redis.call('EXISTS', ch) == 0 then return false end
+local prev = redis.call('HGET', ch, 'last') or '0-0'
+local ms, seq = string.match(prev, '^(%d+)-(%d+)$')
+ms, seq = tonumber(ms), tonumber(seq)
+local now = now_ms()
+if now > ms then ms, seq = now, 0 elseif seq + 1 < 1048576 then seq = seq + 1 else ms, seq = ms + 1, 0 end
+local id = string.format('%d-%d', ms, seq)
+local log = P .. 'log:' .. ARGV[2]
+redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], id, 'd', ARGV[3], 'b', ARGV[4])
+redis.call('PEXPIRE', log, ARGV[6])
+local n = listeners(ARGV[2], now)
+if n > 0 then redis.call('HSET', ch, 'last', id, 'handed', id) else redis.call('HSET', ch, 'last', id) end
+redis.call('PUBLISH', P .. 'events', 'p ' .. ARGV[2] .. ' ' .. id .. ' ' .. prev .. ' ' .. ARGV[4] .. ' ' .. ARGV[3])
+return n`)
+
+	// ARGV: P, pub. Returns the subscriber token, or nil.
+	deleteScript = newScript(`
+local ch = P .. 'ch:' .. ARGV[2]
+local sub = redis.call('HGET', ch, 'sub')
+if not sub then return false end
+redis.call('DEL', ch, P .. 'sub:' .. sub, P .. 'log:' .. ARGV[2])
+redis.call('ZREM', P .. 'channels', ARGV[2])
+for _, node in ipairs(redis.call('ZRANGE', P .. 'nodes', 0, -1)) do
+  redis.call('HDEL', P .. 'node:' .. node, ARGV[2])
+end
+redis.call('PUBLISH', P .. 'events', 'd ' .. ARGV[2])
+return sub`)
+
+	// ARGV: P, sub. Returns {pub, hook, tag}, or nil.
+	findScript = newScript(`
+local pub = redis.call('GET', P .. 'sub:' .. ARGV[2])
+if not pub then return false end
+local f = redis.call('HMGET', P .. 'ch:' .. pub, 'hook', 'tag', 'sub')
+if not f[3] then return false end
+return {pub, f[1], f[2]}`)
+
+	// ARGV: P, pub, node, this node's subscribers of the channel (the
+	// joining one included), node TTL (ms), 'new' or 'resume', the id to
+	// resume after, backlog, backlog TTL (ms). It counts the subscriber
+	// before any later publish, hands it the messages waiting (new: those
+	// after handed; resume: those after its id), newest first, and marks
+	// them handed. Returns {last id, entries}, or nil.
+	joinScript = newScript(`
+local ch = P .. 'ch:' .. ARGV[2]
+if redis.call('EXISTS', ch) == 0 then return false end
+local now = now_ms()
+local node = P .. 'node:' .. ARGV[3]
+redis.call('HSET', node, ARGV[2], ARGV[4])
+redis.call('PEXPIRE', node, ARGV[5])
+redis.call('ZADD', P .. 'nodes', now + tonumber(ARGV[5]), ARGV[3])
+local last = redis.call('HGET', ch, 'last') or '0-0'
+local from = ARGV[7]
+if ARGV[6] == 'new' then from = redis.call('HGET', ch, 'handed') or '0-0' end
+local kept = {}
+if tonumber(ARGV[8]) > 0 and from ~= last then
+  local oldest = now - tonumber(ARGV[9])
+  for _, e in ipairs(redis.call('XREVRANGE', P .. 'log:' .. ARGV[2], '+', '(' .. from, 'COUNT', ARGV[8])) do
+    if tonumber(string.match(e[1], '^%d+')) < oldest then break end
+    kept[#kept + 1] = e
+  end
+end
+redis.call('HSET', ch, 'handed', last)
+return {last, kept}`)
+
+	// ARGV: P, node, node TTL (ms). Returns 0 when the node's counts are
+	// gone (Redis lost them, or this node was away longer than its TTL).
+	refreshScript = newScript(`
+local now, ttl = now_ms(), tonumber(ARGV[3])
+redis.call('ZADD', P .. 'nodes', now + ttl, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', P .. 'nodes', '-inf', now - ttl)
+return redis.call('PEXPIRE', P .. 'node:' .. ARGV[2], ttl)`)
+
+	// ARGV: P, node, node TTL (ms), then pairs of pub and count.
+	rewriteScript = newScript(`
+local node, ttl = P .. 'node:' .. ARGV[2], tonumber(ARGV[3])
+redis.call('DEL', node)
+for i = 4, #ARGV - 1, 2 do redis.call('HSET', node, ARGV[i], ARGV[i + 1]) end
+redis.call('PEXPIRE', node, ttl)
+redis.call('ZADD', P .. 'nodes', now_ms() + ttl, ARGV[2])
+return 1`)
+)
+
+// redisEngine keeps the channels in Redis. This node holds a *channel only
+// for the channels it has subscribers of (its subscribers, its cursor in
+// the channel's stream, a copy of the hook URL that every edit refreshes);
+// everything else is read from Redis on every request.
+type redisEngine struct {
+	h          *hub
+	cmd        *redisClient
+	prefix     string
+	node       string // this process, in P:nodes
+	backlog    int
+	backlogTTL time.Duration
+	ctx        context.Context // ends at shutdown: every connection closes
+	cancel     context.CancelFunc
+	first      net.Conn // the connection made at start, for the keeper
+
+	mu         sync.Mutex
+	eventsErr  error         // why the Pub/Sub connection is down; nil while up
+	subscribed chan struct{} // closed once Pub/Sub first works
+	connected  chan struct{} // closed once commands first work
+	once       [2]sync.Once
+}
+
+// sharedChannel is this node's part of a channel that lives in Redis.
+type sharedChannel struct {
+	r *redisEngine
+	// mu orders what this node hands its subscribers: held while a message
+	// is fanned out and while a subscriber joins. Taken before ch.mu.
+	mu        sync.Mutex
+	following bool   // cursor is set: a subscriber joined
+	cursor    uint64 // the last message id handed to this node's subscribers
+	seen      uint64 // the highest id announced before following began
+	// Under ch.mu:
+	joining int // subscribers between find and join's end
+	sent    int // the count last written to Redis for this node
+	idle    int // presence rounds without a subscriber
+}
+
+// newRedisEngine connects once to check the URL and the password: a wrong
+// password stops the daemon; Redis not answering yet does not (the node
+// serves 503 until it does).
+func newRedisEngine(h *hub) (*redisEngine, error) {
+	r := &redisEngine{
+		h:          h,
+		cmd:        &redisClient{opts: h.cfg.redis, log: h.log, up: make(chan struct{})},
+		prefix:     h.cfg.redisPrefix,
+		node:       strings.ToLower(rand.Text()[:12]),
+		backlog:    h.cfg.backlog,
+		backlogTTL: h.cfg.backlogTTL,
+		subscribed: make(chan struct{}),
+		connected:  make(chan struct{}),
+	}
+	r.ctx, r.cancel = context.WithCancel(context.Background())
+	conn, err := h.cfg.redis.dial(r.ctx)
+	var ae authError
+	switch {
+	case errors.As(err, &ae):
+		r.cancel()
+		return nil, err
+	case err != nil:
+		h.log.Error("redis cannot be reached yet; answering 503 until it can", "addr", h.cfg.redis.addr, "err", err)
+		r.cmd.down = err
+	}
+	r.first = conn
+	r.eventsErr = errors.New("not subscribed yet")
+	return r, nil
+}
+
+// start runs the connections and the presence rounds until the hub stops,
+// and waits a moment for Redis, so that the first requests find it.
+func (r *redisEngine) start() {
+	h := r.h
+	h.background.Go(func() {
+		r.cmd.keep(r.ctx, r.first, func() {
+			r.countsLost()
+			r.once[0].Do(func() { close(r.connected) })
+		})
+	})
+	h.background.Go(r.listen)
+	h.background.Go(r.presence)
+	h.background.Go(func() {
+		<-h.quit
+		// Leave at once rather than nodeTTL later; best effort.
+		r.cmd.send(true, "ZREM", r.prefix+"nodes", r.node)
+		if _, err := r.cmd.do("DEL", r.nodeKey()); err != nil {
+			h.log.Warn("leaving redis", "err", err)
+		}
+		r.cancel()
+	})
+	t := time.NewTimer(2 * redisDialTimeout)
+	defer t.Stop()
+	for _, ready := range []chan struct{}{r.connected, r.subscribed} {
+		select {
+		case <-ready:
+		case <-t.C:
+			return
+		}
+	}
+}
+
+func (r *redisEngine) nodeKey() string { return r.prefix + "node:" + r.node }
+
+// eval runs a script and waits for its result. When the connection is
+// being replaced, it waits redisReconnectWait for the new one: the command
+// was not sent, so sending it then is safe. A command sent and not answered
+// is never sent again (Redis may have run it).
+func (r *redisEngine) eval(s *redisScript, args ...any) (any, error) {
+	reply, err := r.retry(r.issue(s, args...), s, args)
+	var u unavailable
+	if errors.As(err, &u) && u.unsent && r.cmd.awaitUp(redisReconnectWait) {
+		reply, err = r.retry(r.issue(s, args...), s, args)
+	}
+	return reply, err
+}
+
+// issue sends a script without waiting: a caller holding a lock gets it
+// applied in that lock's order.
+func (r *redisEngine) issue(s *redisScript, args ...any) *redisCall {
+	return r.cmd.send(false, append([]any{"EVALSHA", s.sha, 0}, args...)...)
+}
+
+// retry waits for call, and sends the script itself if Redis did not know
+// it: then it did not run, and nothing was changed.
+func (r *redisEngine) retry(call *redisCall, s *redisScript, args []any) (any, error) {
+	reply, err := call.wait()
+	var re respError
+	if errors.As(err, &re) && strings.HasPrefix(string(re), "NOSCRIPT") {
+		return r.cmd.do(append([]any{"EVAL", s.src, 0}, args...)...)
+	}
+	return reply, err
+}
+
+func bit(b bool) string {
+	if b {
+		return "1"
+	}
+	return "0"
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
+}
+
+func (r *redisEngine) prepare(_ context.Context, opts channelOptions) (channelJSON, error) {
+	for {
+		pub, sub := newToken(), newToken()
+		reply, err := r.eval(prepareScript, r.prefix, pub, sub,
+			bit(opts.hookURL != nil), deref(opts.hookURL), bit(opts.tag != nil), deref(opts.tag))
+		if err != nil {
+			return channelJSON{}, err
+		}
+		if reply == int64(1) {
+			return channelJSON{PublisherToken: pub, SubscriberToken: sub, HookURL: opts.hookURL, Tag: opts.tag}, nil
+		}
+	}
+}
+
+// viewOf reads {pub, sub, hook, tag, listeners} as the scripts answer it.
+func viewOf(reply any) (channelJSON, error) {
+	f, ok := reply.([]any)
+	if reply == nil {
+		return channelJSON{}, errNotFound
+	}
+	if !ok || len(f) != 5 {
+		return channelJSON{}, fmt.Errorf("redis: unexpected channel %v", reply)
+	}
+	n, _ := f[4].(int64)
+	return channelJSON{
+		PublisherToken:  replyString(f[0]),
+		SubscriberToken: replyString(f[1]),
+		HookURL:         replyOptional(f[2]),
+		Tag:             replyOptional(f[3]),
+		Listeners:       int(n),
+	}, nil
+}
+
+func (r *redisEngine) show(_ context.Context, token string) (channelJSON, error) {
+	reply, err := r.eval(showScript, r.prefix, token)
+	if err != nil {
+		return channelJSON{}, err
+	}
+	return viewOf(reply)
+}
+
+func (r *redisEngine) list(_ context.Context, match *regexp.Regexp) ([]channelJSON, error) {
+	reply, err := r.eval(listScript, r.prefix)
+	if err != nil {
+		return nil, err
+	}
+	items, _ := reply.([]any)
+	list := []channelJSON{}
+	for _, item := range items {
+		view, err := viewOf(item)
+		if err != nil {
+			return nil, err
+		}
+		if match == nil || view.Tag != nil && match.MatchString(*view.Tag) {
+			list = append(list, view)
+		}
+	}
+	return list, nil
+}
+
+func (r *redisEngine) edit(_ context.Context, token string, opts channelOptions) (channelJSON, error) {
+	reply, err := r.eval(editScript, r.prefix, token, bit(opts.setHook), deref(opts.hookURL), bit(opts.setTag), deref(opts.tag))
+	if err != nil {
+		return channelJSON{}, err
+	}
+	return viewOf(reply)
+}
+
+func (r *redisEngine) publish(_ context.Context, token string, m *message) (int, bool, error) {
+	length := max(r.backlog, streamMinLength)
+	ttl := max(r.backlogTTL, streamMinTTL)
+	reply, err := r.eval(publishScript, r.prefix, token, m.data, bit(m.binary), length, ttl.Milliseconds())
+	if err != nil {
+		return 0, false, err
+	}
+	if reply == nil {
+		return 0, false, errNotFound
+	}
+	n, _ := reply.(int64)
+	queued := n == 0 && r.backlog > 0
+	if queued {
+		r.h.stats.queued.Add(1)
+	}
+	return int(n), queued, nil
+}
+
+func (r *redisEngine) remove(_ context.Context, token string) (string, error) {
+	reply, err := r.eval(deleteScript, r.prefix, token)
+	if err != nil {
+		return "", err
+	}
+	if reply == nil {
+		return "", errNotFound
+	}
+	return replyString(reply), nil
+}
+
+func (r *redisEngine) health() error {
+	if err := r.cmd.health(); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.eventsErr != nil {
+		return unavailable{err: fmt.Errorf("announcements: %w", r.eventsErr)}
+	}
+	return nil
+}
+
+// find looks the token up in Redis and returns this node's channel for it,
+// made now if this node had no subscriber of it.
+func (r *redisEngine) find(_ context.Context, token string) (*channel, error) {
+	reply, err := r.eval(findScript, r.prefix, token)
+	if err != nil {
+		return nil, err
+	}
+	f, ok := reply.([]any)
+	if reply == nil {
+		return nil, errNotFound
+	}
+	if !ok || len(f) != 3 {
+		return nil, fmt.Errorf("redis: unexpected channel %v", reply)
+	}
+	pub, hook, tag := replyString(f[0]), replyOptional(f[1]), replyOptional(f[2])
+	h := r.h
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ch := h.bySubscriber[token]
+	if ch == nil {
+		ch = newChannel(pub, token, hook, tag)
+		ch.shared = &sharedChannel{r: r}
+		h.insert(ch)
+		return ch, nil
+	}
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	ch.shared.idle = 0
+	ch.hookURL, ch.hookTarget = hook, ""
+	if hook != nil {
+		ch.hookTarget, _ = hookTarget(*hook) // checked when it was set
+	}
+	return ch, nil
+}
+
+// join counts the subscriber in Redis (so that every later publish, through
+// any node, sees it), takes what waited for it, then adds it here at the
+// point where this node's stream of the channel meets what the join
+// returned: the subscriber gets the kept messages, then every message with
+// a higher id, once each, in order.
+func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint64) bool {
+	sh := ch.shared
+	mode, from := "new", "0-0"
+	if resume {
+		mode, from = "resume", streamID(lastID)
+	}
+	args := func() []any {
+		return []any{r.prefix, ch.publisherToken, r.node, len(ch.subscribers) + sh.joining, nodeTTL.Milliseconds(),
+			mode, from, r.backlog, r.backlogTTL.Milliseconds()}
+	}
+	ch.mu.Lock()
+	sh.joining++
+	sh.sent = len(ch.subscribers) + sh.joining
+	call := r.issue(joinScript, args()...)
+	ch.mu.Unlock()
+	defer func() {
+		ch.mu.Lock()
+		sh.joining--
+		sh.countChangedLocked(ch)
+		ch.mu.Unlock()
+	}()
+	reply, err := call.wait()
+	var re respError
+	if errors.As(err, &re) && strings.HasPrefix(string(re), "NOSCRIPT") {
+		ch.mu.Lock()
+		call = r.cmd.send(false, append([]any{"EVAL", joinScript.src, 0}, args()...)...)
+		ch.mu.Unlock()
+		reply, err = call.wait()
+	}
+	f, ok := reply.([]any)
+	if err != nil || !ok || len(f) != 2 {
+		if err != nil {
+			s.log().Warn("join through redis failed", "err", err)
+		}
+		return false
+	}
+	last, _ := parseStreamID(replyString(f[0]))
+	entries, _ := f[1].([]any)
+	kept := make([]*message, 0, len(entries))
+	for i := len(entries) - 1; i >= 0; i-- { // oldest first
+		if m := entryMessage(entries[i]); m != nil {
+			kept = append(kept, m)
+		}
+	}
+	for {
+		sh.mu.Lock()
+		switch {
+		case !sh.following || sh.cursor == last:
+			if !sh.following {
+				sh.following, sh.cursor = true, last
+			}
+			for _, m := range kept {
+				s.enqueue(m)
+			}
+			joined := r.h.join(ch, s, false, 0)
+			behind := sh.seen > sh.cursor
+			target := sh.seen
+			sh.mu.Unlock()
+			if behind { // announced before this node followed the channel
+				if err := r.catchUp(ch, target); err != nil {
+					s.log().Warn("catching up with the channel failed", "err", err)
+				}
+			}
+			return joined
+		case sh.cursor < last: // announcements still on their way: take them now
+			sh.mu.Unlock()
+			if err := r.catchUp(ch, last); err != nil {
+				s.log().Warn("catching up with the channel failed", "err", err)
+				return false
+			}
+		default: // this node handed out more since: the newcomer gets them too
+			to := sh.cursor
+			sh.mu.Unlock()
+			more, err := r.between(ch.publisherToken, last, to)
+			if err != nil {
+				s.log().Warn("reading the channel's stream failed", "err", err)
+				return false
+			}
+			kept, last = append(kept, more...), to
+		}
+	}
+}
+
+// unjoin undoes a join whose upgrade failed. What the join took from the
+// backlog is not given back: other nodes may have handed out more since.
+func (r *redisEngine) unjoin(_ *channel, s *subscriber) {
+	s.stop(farewell{closeGoingAway, "handshake failed", false})
+}
+
+// countChangedLocked writes this node's count of the channel's subscribers
+// when it changed. It is issued under ch.mu, so Redis applies the counts in
+// the order they changed. The caller holds ch.mu.
+func (sh *sharedChannel) countChangedLocked(ch *channel) {
+	n := len(ch.subscribers) + sh.joining
+	if n == sh.sent {
+		return
+	}
+	sh.sent = n
+	r := sh.r
+	if n == 0 {
+		r.cmd.send(true, "HDEL", r.nodeKey(), ch.publisherToken)
+		return
+	}
+	r.cmd.send(true, "HSET", r.nodeKey(), ch.publisherToken, n)
+	r.cmd.send(true, "PEXPIRE", r.nodeKey(), nodeTTL.Milliseconds())
+}
+
+// countsLost writes all of this node's counts again, after a reconnect
+// (Redis may have lost them, or a count may not have reached it). Every
+// channel is locked while they are read and the write is issued, so that no
+// change of count can come between.
+func (r *redisEngine) countsLost() {
+	h := r.h
+	h.mu.RLock()
+	all := slices.Collect(maps.Values(h.byPublisher))
+	args := []any{r.prefix, r.node, nodeTTL.Milliseconds()}
+	for _, ch := range all {
+		ch.mu.Lock()
+		if sh := ch.shared; sh != nil {
+			sh.sent = len(ch.subscribers) + sh.joining
+			if sh.sent > 0 {
+				args = append(args, ch.publisherToken, sh.sent)
+			}
+		}
+	}
+	call := r.issue(rewriteScript, args...)
+	for _, ch := range all {
+		ch.mu.Unlock()
+	}
+	h.mu.RUnlock()
+	if _, err := r.retry(call, rewriteScript, args); err != nil {
+		r.h.log.Warn("writing this node's counts to redis failed", "err", err)
+	}
+}
+
+// presence keeps this node alive in Redis, writes its counts again when
+// Redis lost them, and forgets channels without subscribers here.
+func (r *redisEngine) presence() {
+	t := time.NewTicker(presenceInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-r.ctx.Done():
+			return
+		case <-t.C:
+		}
+		if reply, err := r.eval(refreshScript, r.prefix, r.node, nodeTTL.Milliseconds()); err == nil && reply == int64(0) {
+			r.countsLost()
+		}
+		r.forgetIdle()
+	}
+}
+
+// forgetIdle drops this node's copy of the channels that have had no
+// subscriber here for localIdleRounds rounds.
+func (r *redisEngine) forgetIdle() {
+	h := r.h
+	for _, ch := range h.all() {
+		h.mu.Lock()
+		ch.mu.Lock()
+		if sh := ch.shared; sh != nil && h.byPublisher[ch.publisherToken] == ch {
+			if len(ch.subscribers) > 0 || sh.joining > 0 || ch.connected > 0 {
+				sh.idle = 0
+			} else if sh.idle++; sh.idle >= localIdleRounds {
+				delete(h.byPublisher, ch.publisherToken)
+				delete(h.bySubscriber, ch.subscriberToken)
+				ch.deleted = true
+			}
+		}
+		ch.mu.Unlock()
+		h.mu.Unlock()
+	}
+}
+
+// streamID is the Redis stream id of a message id: ms<<20 | seq.
+func streamID(id uint64) string {
+	return strconv.FormatUint(id>>20, 10) + "-" + strconv.FormatUint(id&(1<<20-1), 10)
+}
+
+// parseStreamID reads "ms-seq" as ms<<20 | seq.
+func parseStreamID(s string) (uint64, bool) {
+	msPart, seqPart, ok := strings.Cut(s, "-")
+	ms, err1 := strconv.ParseUint(msPart, 10, 44)
+	seq, err2 := strconv.ParseUint(seqPart, 10, 64)
+	if !ok || err1 != nil || err2 != nil || seq >= 1<<20 {
+		return 0, false
+	}
+	return ms<<20 | seq, true
+}
+
+// entryMessage reads a stream entry [id, [d, data, b, 0|1]].
+func entryMessage(v any) *message {
+	e, ok := v.([]any)
+	if !ok || len(e) != 2 {
+		return nil
+	}
+	id, ok := parseStreamID(replyString(e[0]))
+	fields, _ := e[1].([]any)
+	if !ok || len(fields) != 4 {
+		return nil
+	}
+	data, _ := fields[1].([]byte)
+	m := messageOf(data, replyString(fields[3]) == "1", time.Now())
+	m.id = id
+	return m
+}
+
+// between reads the messages of a channel's stream after id from, up to
+// id to.
+func (r *redisEngine) between(pub string, from, to uint64) ([]*message, error) {
+	reply, err := r.cmd.do("XRANGE", r.prefix+"log:"+pub, "("+streamID(from), streamID(to))
+	if err != nil {
+		return nil, err
+	}
+	entries, _ := reply.([]any)
+	msgs := make([]*message, 0, len(entries))
+	for _, e := range entries {
+		if m := entryMessage(e); m != nil {
+			msgs = append(msgs, m)
+		}
+	}
+	return msgs, nil
+}
+
+// catchUp hands this node's subscribers of ch the messages up to id target
+// that it has not handed them yet, from the stream. What the stream no
+// longer holds is counted as dropped.
+func (r *redisEngine) catchUp(ch *channel, target uint64) error {
+	sh := ch.shared
+	sh.mu.Lock()
+	from := sh.cursor
+	sh.mu.Unlock()
+	if from >= target {
+		return nil
+	}
+	msgs, err := r.between(ch.publisherToken, from, target)
+	if err != nil {
+		return fmt.Errorf("fill a gap in the channel's messages: %w", err)
+	}
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	for _, m := range msgs {
+		if m.id > sh.cursor {
+			r.deliverLocked(ch, m)
+		}
+	}
+	sh.cursor = max(sh.cursor, target)
+	return nil
+}
+
+// deliverLocked hands m to this node's subscribers of ch, with the id Redis
+// gave it. The caller holds ch.shared.mu.
+func (r *redisEngine) deliverLocked(ch *channel, m *message) {
+	ch.mu.Lock()
+	ch.lastID = m.id - 1 // the hub numbers it lastID+1: the stream's id on every node
+	ch.mu.Unlock()
+	r.h.publish(ch, m)
+	ch.shared.cursor = m.id
+}
+
+// listen follows the announcements of every publish, edit and delete, on a
+// Pub/Sub connection of its own, forever: after a loss it subscribes again,
+// with backoff, and catches up from the streams.
+func (r *redisEngine) listen() {
+	backoff := redisBackoffMin
+	for {
+		up, err := r.follow()
+		r.mu.Lock()
+		r.eventsErr = err
+		r.mu.Unlock()
+		if r.ctx.Err() != nil {
+			return
+		}
+		if up {
+			backoff = redisBackoffMin
+		}
+		r.h.log.Warn("redis announcements lost; subscribing again", "err", err, "in", backoff)
+		if !sleep(r.ctx, jitter(backoff)) {
+			return
+		}
+		backoff = min(2*backoff, redisBackoffMax)
+	}
+}
+
+// follow subscribes and reads announcements until the connection fails;
+// up says whether it got as far as subscribing.
+func (r *redisEngine) follow() (up bool, err error) {
+	conn, err := r.h.cfg.redis.dial(r.ctx)
+	if err != nil {
+		return false, err
+	}
+	defer conn.Close()
+	defer context.AfterFunc(r.ctx, func() { conn.Close() })()
+	var writing sync.Mutex
+	write := func(args ...any) error {
+		writing.Lock()
+		defer writing.Unlock()
+		if err := conn.SetWriteDeadline(time.Now().Add(redisCommandTimeout)); err != nil {
+			return err
+		}
+		_, err := conn.Write(appendCommand(nil, args...))
+		return err
+	}
+	br := bufio.NewReaderSize(conn, respMaxLine)
+	if err := write("SUBSCRIBE", r.prefix+"events"); err != nil {
+		return false, err
+	}
+	if err := conn.SetReadDeadline(time.Now().Add(redisCommandTimeout)); err != nil {
+		return false, err
+	}
+	if reply, err := readReply(br); err != nil {
+		return false, err
+	} else if f, ok := reply.([]any); !ok || len(f) != 3 || replyString(f[0]) != "subscribe" {
+		return false, fmt.Errorf("redis: SUBSCRIBE answered %v", reply)
+	}
+	// The probe: Redis answers PING on a subscribed connection, so silence
+	// longer than redisSilenceLimit means the connection is dead.
+	probing := make(chan struct{})
+	defer close(probing)
+	go func() {
+		t := time.NewTicker(redisProbeInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-probing:
+				return
+			case <-t.C:
+				if err := write("PING"); err != nil {
+					conn.Close()
+					return
+				}
+			}
+		}
+	}()
+	// Announcements made while away are in the streams: catch up, then
+	// read on (what was announced meanwhile waits in the socket). Until it
+	// has caught up, the node is not healthy.
+	for {
+		err := r.resync()
+		if err == nil {
+			break
+		}
+		r.mu.Lock()
+		r.eventsErr = fmt.Errorf("catching up: %w", err)
+		r.mu.Unlock()
+		r.h.log.Warn("catching up after a redis outage failed; trying again", "err", err)
+		r.cmd.awaitUp(redisBackoffMax)
+		if !sleep(r.ctx, jitter(redisBackoffMin)) {
+			return true, r.ctx.Err()
+		}
+	}
+	r.mu.Lock()
+	r.eventsErr = nil
+	r.mu.Unlock()
+	r.once[1].Do(func() { close(r.subscribed) })
+	for {
+		if err := conn.SetReadDeadline(time.Now().Add(redisSilenceLimit)); err != nil {
+			return true, err
+		}
+		reply, err := readReply(br)
+		if err != nil {
+			if isTimeout(err) {
+				err = fmt.Errorf("nothing from redis for %v, not even an answer to PING: %w", redisSilenceLimit, err)
+			}
+			return true, err
+		}
+		if f, ok := reply.([]any); ok && len(f) == 3 && replyString(f[0]) == "message" {
+			payload, _ := f[2].([]byte)
+			if err := r.announced(payload); err != nil {
+				// A gap that cannot be filled now: subscribe again, which
+				// catches up once Redis answers.
+				return true, err
+			}
+		}
+	}
+}
+
+// announced acts on one announcement: "p PUB ID PREV BINARY DATA" (a
+// publish), "e PUB HOOK" (an edit) or "d PUB" (a delete). An error is a gap
+// in a channel's messages that could not be filled.
+func (r *redisEngine) announced(a []byte) error {
+	kind, rest, _ := bytes.Cut(a, []byte(" "))
+	pubBytes, rest, _ := bytes.Cut(rest, []byte(" "))
+	ch := r.h.byPublisherToken(string(pubBytes))
+	if ch == nil || ch.shared == nil {
+		return nil // no subscriber of it here
+	}
+	switch string(kind) {
+	case "p":
+		idPart, rest, _ := bytes.Cut(rest, []byte(" "))
+		prevPart, rest, _ := bytes.Cut(rest, []byte(" "))
+		binaryPart, data, _ := bytes.Cut(rest, []byte(" "))
+		id, ok1 := parseStreamID(string(idPart))
+		prev, ok2 := parseStreamID(string(prevPart))
+		if !ok1 || !ok2 {
+			r.h.log.Warn("malformed announcement from redis", "bytes", len(a))
+			return nil
+		}
+		m := messageOf(data, string(binaryPart) == "1", time.Now())
+		m.id = id
+		return r.received(ch, m, prev)
+	case "e":
+		var hook *string
+		if len(rest) > 0 {
+			s := string(rest)
+			hook = &s
+		}
+		r.setHook(ch, hook)
+	case "d":
+		r.deleted(ch)
+	}
+	return nil
+}
+
+// received hands an announced message to this node's subscribers, in
+// stream order: the next one at once; after a gap, the missing ones first,
+// from the stream.
+func (r *redisEngine) received(ch *channel, m *message, prev uint64) error {
+	sh := ch.shared
+	sh.mu.Lock()
+	switch {
+	case !sh.following:
+		sh.seen = max(sh.seen, m.id)
+		sh.mu.Unlock()
+		return nil
+	case m.id <= sh.cursor:
+		sh.mu.Unlock()
+		return nil
+	case prev == sh.cursor:
+		r.deliverLocked(ch, m)
+		sh.mu.Unlock()
+		return nil
+	}
+	sh.mu.Unlock()
+	return r.catchUp(ch, m.id)
+}
+
+func (r *redisEngine) setHook(ch *channel, hook *string) {
+	var target string
+	if hook != nil {
+		target, _ = hookTarget(*hook) // checked when it was set
+	}
+	ch.mu.Lock()
+	ch.hookURL, ch.hookTarget = hook, target
+	ch.mu.Unlock()
+}
+
+// deleted closes this node's subscribers of a channel deleted on any node.
+func (r *redisEngine) deleted(ch *channel) {
+	if _, ok := r.h.delete(ch, farewell{closeNormal, "channel deleted", true}, 0); ok {
+		r.cmd.send(true, "HDEL", r.nodeKey(), ch.publisherToken)
+	}
+}
+
+// resync brings this node's channels up to date after the announcements
+// were lost for a while: deleted ones close, hook URLs are read again, and
+// messages missed are handed out from the streams. It returns the first
+// error; what it could do, it did.
+func (r *redisEngine) resync() error {
+	type check struct {
+		ch   *channel
+		call *redisCall
+	}
+	var checks []check
+	for _, ch := range r.h.all() {
+		if ch.shared != nil {
+			checks = append(checks, check{ch, r.cmd.send(false, "HMGET", r.prefix+"ch:"+ch.publisherToken, "sub", "hook", "last")})
+		}
+	}
+	var failure error
+	for _, c := range checks {
+		reply, err := c.call.wait()
+		f, ok := reply.([]any)
+		if err == nil && (!ok || len(f) != 3) {
+			err = fmt.Errorf("redis: HMGET answered %v", reply)
+		}
+		if err != nil {
+			failure = cmp.Or(failure, err)
+			continue
+		}
+		if f[0] == nil {
+			r.deleted(c.ch)
+			continue
+		}
+		r.setHook(c.ch, replyOptional(f[1]))
+		c.ch.shared.mu.Lock()
+		following := c.ch.shared.following
+		c.ch.shared.mu.Unlock()
+		if last, ok := parseStreamID(replyString(f[2])); ok && following {
+			failure = cmp.Or(failure, r.catchUp(c.ch, last))
+		}
+	}
+	return failure
 }
 
 // ---- A subscriber's life ----
@@ -3189,12 +4964,16 @@ func notFound(w http.ResponseWriter, what string) {
 	reply(w, http.StatusNotFound, "ERR", what+" token not found")
 }
 
-// saved waits until change seq is on disk; when it cannot be, it answers
-// 503 itself. The change stays in memory and is saved when the disk allows.
-func (h *hub) saved(w http.ResponseWriter, r *http.Request, seq uint64) bool {
-	if err := h.store.wait(r.Context(), seq); err != nil {
-		reply(w, http.StatusServiceUnavailable, "ERR", "done in memory but not saved to the state file, it will be when the disk allows: "+err.Error())
+// failed answers an engine's error, if any: 404 for an unknown token, 503
+// for a change that could not be saved or could not reach Redis.
+func failed(w http.ResponseWriter, err error, what string) bool {
+	switch {
+	case err == nil:
 		return false
+	case errors.Is(err, errNotFound):
+		notFound(w, what)
+	default:
+		reply(w, http.StatusServiceUnavailable, "ERR", err.Error())
 	}
 	return true
 }
@@ -3209,12 +4988,12 @@ func (h *hub) handlePrepare(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusBadRequest, "ERR", err.Error())
 		return
 	}
-	ch, seq := h.prepare(opts)
-	if !h.saved(w, r, seq) {
+	view, err := h.engine.prepare(r.Context(), opts)
+	if failed(w, err, "publisher") {
 		return
 	}
-	h.log.Info("channel prepared", "channel", fingerprint(ch.subscriberToken))
-	writeJSON(w, http.StatusOK, ch.view())
+	h.log.Info("channel prepared", "channel", fingerprint(view.SubscriberToken))
+	writeJSON(w, http.StatusOK, view)
 }
 
 func (h *hub) handleList(w http.ResponseWriter, r *http.Request) {
@@ -3226,26 +5005,24 @@ func (h *hub) handleList(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	list, err := h.engine.list(r.Context(), match)
+	if failed(w, err, "publisher") {
+		return
+	}
 	writeJSON(w, http.StatusOK, struct {
 		Channels []channelJSON `json:"channels"`
-	}{h.channels(match)})
+	}{list})
 }
 
 func (h *hub) handleShow(w http.ResponseWriter, r *http.Request) {
-	ch := h.byPublisherToken(r.PathValue("publisher_token"))
-	if ch == nil {
-		notFound(w, "publisher")
+	view, err := h.engine.show(r.Context(), r.PathValue("publisher_token"))
+	if failed(w, err, "publisher") {
 		return
 	}
-	writeJSON(w, http.StatusOK, ch.view())
+	writeJSON(w, http.StatusOK, view)
 }
 
 func (h *hub) handleEdit(w http.ResponseWriter, r *http.Request) {
-	ch := h.byPublisherToken(r.PathValue("publisher_token"))
-	if ch == nil {
-		notFound(w, "publisher")
-		return
-	}
 	body, ok := readBody(w, r, h.cfg.maxRequestBytes)
 	if !ok {
 		return
@@ -3255,22 +5032,14 @@ func (h *hub) handleEdit(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusBadRequest, "ERR", err.Error())
 		return
 	}
-	seq, ok := h.edit(ch, opts)
-	if !ok {
-		notFound(w, "publisher")
+	view, err := h.engine.edit(r.Context(), r.PathValue("publisher_token"), opts)
+	if failed(w, err, "publisher") {
 		return
 	}
-	if h.saved(w, r, seq) {
-		writeJSON(w, http.StatusOK, ch.view())
-	}
+	writeJSON(w, http.StatusOK, view)
 }
 
 func (h *hub) handlePublish(w http.ResponseWriter, r *http.Request) {
-	ch := h.byPublisherToken(r.PathValue("publisher_token"))
-	if ch == nil {
-		notFound(w, "publisher")
-		return
-	}
 	buf, ok := readBodyAfter(w, r, h.cfg.maxMessageBytes, frameHeadroom)
 	if !ok {
 		return
@@ -3282,9 +5051,8 @@ func (h *hub) handlePublish(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusBadRequest, "ERR", "body is not UTF-8 text: publish binary data with Content-Type: application/octet-stream")
 		return
 	}
-	n, queued, ok := h.publish(ch, newMessage(buf, isBinary, time.Now()))
-	if !ok {
-		notFound(w, "publisher")
+	n, queued, err := h.engine.publish(r.Context(), r.PathValue("publisher_token"), newMessage(buf, isBinary, time.Now()))
+	if failed(w, err, "publisher") {
 		return
 	}
 	writeBody(w, http.StatusOK, publishReply(n, queued))
@@ -3311,20 +5079,11 @@ func publishReply(subscribers int, queued bool) []byte {
 }
 
 func (h *hub) handleDelete(w http.ResponseWriter, r *http.Request) {
-	ch := h.byPublisherToken(r.PathValue("publisher_token"))
-	if ch == nil {
-		notFound(w, "publisher")
+	subscriberToken, err := h.engine.remove(r.Context(), r.PathValue("publisher_token"))
+	if failed(w, err, "publisher") {
 		return
 	}
-	seq, ok := h.delete(ch, farewell{closeNormal, "channel deleted", true}, 0)
-	if !ok {
-		notFound(w, "publisher")
-		return
-	}
-	if !h.saved(w, r, seq) {
-		return
-	}
-	h.log.Info("channel deleted", "channel", fingerprint(ch.subscriberToken))
+	h.log.Info("channel deleted", "channel", fingerprint(subscriberToken))
 	reply(w, http.StatusOK, "OK", "channel closed and deleted")
 }
 
@@ -3341,9 +5100,8 @@ func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusForbidden, "ERR", "origin "+origin+" may not subscribe (see -allowed-origins)")
 		return
 	}
-	ch := h.bySubscriberToken(r.PathValue("subscriber_token"))
-	if ch == nil {
-		notFound(w, "subscriber")
+	ch, err := h.engine.find(r.Context(), r.PathValue("subscriber_token"))
+	if failed(w, err, "subscriber") {
 		return
 	}
 	if h.closing.Load() {
@@ -3433,7 +5191,7 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 			// Joining before the 101 is sent makes listeners count a
 			// subscriber by the time it can see the upgrade. Between the
 			// lookup and here the channel may have gone (a 403 without body).
-			if joined = h.join(ch, s, false, 0); !joined {
+			if joined = h.engine.join(ch, s, false, 0); !joined {
 				return errors.New("channel deleted or shutting down")
 			}
 			return nil
@@ -3445,7 +5203,7 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 	}.ServeHTTP(takeover{w, conn, out}, &http.Request{Method: r.Method, URL: r.URL, Header: r.Header, Host: r.Host, TLS: r.TLS})
 	if !conn.kept {
 		if joined { // the upgrade failed after the join
-			h.unjoin(ch, s)
+			h.engine.unjoin(ch, s)
 		}
 		h.release(ch)
 	}
@@ -3510,7 +5268,7 @@ func (h *hub) subscribeSSE(w http.ResponseWriter, r *http.Request, ch *channel) 
 	lastID, err := strconv.ParseUint(r.Header.Get("Last-Event-ID"), 10, 64)
 	resume := err == nil
 	s := h.newSubscriber(ch, "sse")
-	if !h.join(ch, s, resume, lastID) {
+	if !h.engine.join(ch, s, resume, lastID) {
 		reply(w, http.StatusServiceUnavailable, "ERR", "channel deleted or shutting down")
 		return
 	}
@@ -3539,10 +5297,15 @@ func setSSEHeaders(w http.ResponseWriter, r *http.Request) {
 }
 
 // handleHealth is for load balancers and systemd: 200 while serving, 503
-// once shutdown has begun. It is open to all.
+// once shutdown has begun or while Redis cannot be reached. It is open to
+// all.
 func (h *hub) handleHealth(w http.ResponseWriter, _ *http.Request) {
 	if h.closing.Load() {
 		reply(w, http.StatusServiceUnavailable, "ERR", "shutting down")
+		return
+	}
+	if err := h.engine.health(); err != nil {
+		reply(w, http.StatusServiceUnavailable, "ERR", err.Error())
 		return
 	}
 	reply(w, http.StatusOK, "OK", "serving")

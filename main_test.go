@@ -68,6 +68,10 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
+// engineArgs are added to the flags of startDaemon: TestRedisPassesTheOneNodeTests
+// runs tests written for one node again with -redis.
+var engineArgs []string
+
 // startDaemon starts a hub with the flags a user would type, behind
 // httptest.NewServer.
 func startDaemon(t testing.TB, args ...string) *daemon {
@@ -78,7 +82,7 @@ func startDaemon(t testing.TB, args ...string) *daemon {
 // a sub-second ping interval.
 func startDaemonWith(t testing.TB, tweak func(*config), args ...string) *daemon {
 	t.Helper()
-	cfg, err := parseConfig(args, func(string) string { return "" }, io.Discard)
+	cfg, err := parseConfig(append(args, engineArgs...), func(string) string { return "" }, io.Discard)
 	if err != nil {
 		t.Fatalf("parseConfig(%q): %v", args, err)
 	}
@@ -4701,4 +4705,818 @@ func TestSystemdUnitIsHardened(t *testing.T) {
 		t.Errorf("exposure %s, want under 2.0:\n%s", score[1], out)
 	}
 	t.Logf("systemd-analyze security: exposure %s", score[1])
+}
+
+// ---- Several nodes on one Redis ----
+
+// redisServer is a real redis-server in a child process, on a free port of
+// 127.0.0.1, killed by its PID when the test ends.
+type redisServer struct {
+	t    testing.TB
+	port int
+	args []string
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// startRedis starts redis-server. Without it the test fails in CI (which
+// installs it) and is skipped elsewhere, saying why.
+func startRedis(t testing.TB, args ...string) *redisServer {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("redis-server is not installed: the tests of several nodes need it (.ci/run installs it with apt-get)")
+		}
+		t.Skip("redis-server is not installed: skipping the tests of several nodes (apt-get install redis-server)")
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	rs := &redisServer{t: t, port: port, args: args}
+	rs.start()
+	t.Cleanup(rs.kill)
+	return rs
+}
+
+func (rs *redisServer) start() {
+	rs.t.Helper()
+	args := append([]string{"--port", strconv.Itoa(rs.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"}, rs.args...)
+	rs.cmd = exec.Command("redis-server", args...)
+	var out syncBuffer
+	rs.cmd.Stdout, rs.cmd.Stderr = &out, &out
+	if err := rs.cmd.Start(); err != nil {
+		rs.t.Fatalf("start redis-server: %v", err)
+	}
+	rs.done = make(chan struct{})
+	go func(cmd *exec.Cmd, done chan struct{}) { cmd.Wait(); close(done) }(rs.cmd, rs.done)
+	waitFor(rs.t, "redis-server to accept connections", func() bool {
+		select {
+		case <-rs.done:
+			rs.t.Fatalf("redis-server exited:\n%s", out.String())
+		default:
+		}
+		_, err := rs.try("PING")
+		var re respError
+		return err == nil || errors.As(err, &re) // NOAUTH: it runs, with a password
+	})
+}
+
+// kill ends redis-server at once (SIGKILL), as a crash would.
+func (rs *redisServer) kill() {
+	rs.cmd.Process.Signal(syscall.SIGCONT) // a paused one would not die before it runs again
+	rs.cmd.Process.Kill()
+	<-rs.done
+}
+
+func (rs *redisServer) url() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", rs.port) }
+
+// try runs one command on a connection of its own.
+func (rs *redisServer) try(args ...any) (any, error) {
+	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", rs.port), time.Second)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := conn.Write(appendCommand(nil, args...)); err != nil {
+		return nil, err
+	}
+	reply, err := readReply(bufio.NewReader(conn))
+	if e, ok := reply.(respError); ok {
+		return nil, e
+	}
+	return reply, err
+}
+
+func (rs *redisServer) do(args ...any) any {
+	rs.t.Helper()
+	reply, err := rs.try(args...)
+	if err != nil {
+		rs.t.Fatalf("redis %v: %v", args, err)
+	}
+	return reply
+}
+
+// keys lists the keys that match pattern.
+func (rs *redisServer) keys(pattern string) []string {
+	rs.t.Helper()
+	var keys []string
+	for _, k := range rs.do("KEYS", pattern).([]any) {
+		keys = append(keys, string(k.([]byte)))
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// startNode runs the daemon with run(), on Redis, as a user would start it.
+func startNode(t *testing.T, redisURL string, args ...string) *daemon {
+	t.Helper()
+	addr, logs, _ := runDaemon(t, append([]string{"-bind", "127.0.0.1", "-redis", redisURL}, args...)...)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("node %s log:\n%s", addr, logs)
+		}
+	})
+	return &daemon{t: t, url: "http://" + addr, logs: &logs.syncBuffer}
+}
+
+func TestRedisEveryRouteOnEveryNode(t *testing.T) {
+	rs := startRedis(t)
+	a, b, c := startNode(t, rs.url()), startNode(t, rs.url()), startNode(t, rs.url())
+	hook := startHook(t, nil)
+
+	// Prepared on A, the channel is the same on B and C.
+	ch := a.prepare(`{"subscriber_message_hook_url": "` + hook.url + `", "tag": "room-1"}`)
+	want := channelBody(ch)
+	for _, d := range []*daemon{a, b, c} {
+		if got := d.mustCall("GET", "/channel/"+ch.PublisherToken, "", 200, nil); got != want {
+			t.Errorf("show on %s: %s, want %s", d.url, got, want)
+		}
+		if got := d.mustCall("GET", "/channel/show/"+ch.PublisherToken, "", 200, nil); got != want {
+			t.Errorf("old show on %s: %s", d.url, got)
+		}
+	}
+	other := b.prepare("")
+	wantList := `{"channels":[` + strings.TrimSuffix(channelBody(ch), "\n") + "," + strings.TrimSuffix(channelBody(other), "\n") + "]}\n"
+	if got := c.mustCall("GET", "/channel", "", 200, nil); got != wantList {
+		t.Errorf("list on C:\n got %s\nwant %s", got, wantList)
+	}
+	if got := a.mustCall("GET", "/channel/show?search=^room", "", 200, nil); got != `{"channels":[`+strings.TrimSuffix(want, "\n")+"]}\n" {
+		t.Errorf("search on A: %s", got)
+	}
+	if other.HookURL != nil || other.Tag != nil || other.Listeners != 0 {
+		t.Errorf("prepared without a body: %+v", other)
+	}
+
+	// A subscriber on C posts to the hook URL that B's edit sets, within a
+	// second: each frame goes to one hook or the other, never lost.
+	sub := c.dial(ch.SubscriberToken)
+	two := startHook(t, nil)
+	edited := b.mustCall("PATCH", "/channel/edit/"+ch.PublisherToken, `{"subscriber_message_hook_url": "`+two.url+`"}`, 200, nil)
+	start := time.Now()
+	ch.HookURL, ch.Listeners = ptr(two.url), 1
+	if edited != channelBody(ch) {
+		t.Errorf("edit on B: %s, want %s", edited, channelBody(ch))
+	}
+	for i := 0; ; i++ {
+		sub.send(true, websocket.TextFrame, []byte(fmt.Sprint("frame ", i)))
+		var r hookRequest
+		select {
+		case r = <-hook.requests:
+			if time.Since(start) > time.Second {
+				t.Fatalf("C still posts to the old hook URL %v after the edit", time.Since(start))
+			}
+			continue
+		case r = <-two.requests:
+		case <-time.After(waitTimeout):
+			t.Fatal("frame reached no hook")
+		}
+		if r.body != fmt.Sprint("frame ", i) || r.header.Get("X-Gockets-Channel") != ch.SubscriberToken {
+			t.Fatalf("hook got %q for %q", r.body, r.header.Get("X-Gockets-Channel"))
+		}
+		break
+	}
+	if time.Since(start) > time.Second {
+		t.Errorf("the edit reached C after %v", time.Since(start))
+	}
+
+	// Published through A and B, the message reaches subscribers on every node.
+	ws := a.subscribe(ch.SubscriberToken)
+	ev := b.sse(ch.SubscriberToken, "")
+	if r := b.publish(ch.PublisherToken, "hello"); r.Subscribers != 3 || r.Queued {
+		t.Errorf("publish on B: %+v, want 3 subscribers", r)
+	}
+	sub.expectText("hello")
+	if got := receive(t, ws); got != "hello" {
+		t.Errorf("WebSocket on A got %q", got)
+	}
+	if got := ev.message(); got.data != "hello" {
+		t.Errorf("SSE on B got %+v", got)
+	}
+
+	// The same errors as one node.
+	for _, tc := range []struct {
+		method, path, body string
+		status             int
+		answer             string
+	}{
+		{"GET", "/channel/nope", "", 404, `{"type":"ERR","message":"publisher token not found"}`},
+		{"POST", "/channel/publish/nope", "x", 404, `{"type":"ERR","message":"publisher token not found"}`},
+		{"PATCH", "/channel/edit/nope", "{}", 404, `{"type":"ERR","message":"publisher token not found"}`},
+		{"DELETE", "/channel/publish/nope", "", 404, `{"type":"ERR","message":"publisher token not found"}`},
+		{"GET", "/channel/subscribe/nope", "", 404, `{"type":"ERR","message":"subscriber token not found"}`},
+		{"PATCH", "/channel/edit/" + ch.PublisherToken, `{"subscriber_message_hook_url": "file:///etc"}`, 400, `{"type":"ERR","message":"subscriber_message_hook_url: scheme \"file\" is not allowed, use http or https"}`},
+		{"POST", "/channel/prepare", `{"tag": 5}`, 400, `{"type":"ERR","message":"tag must be a string or null"}`},
+		{"POST", "/channel/publish/" + ch.PublisherToken, strings.Repeat("x", 2<<20), 413, `{"type":"ERR","message":"body is larger than 1048576 bytes"}`},
+	} {
+		if status, _, got := b.call(tc.method, tc.path, tc.body); status != tc.status || got != tc.answer+"\n" {
+			t.Errorf("%s %s: %d %s, want %d %s", tc.method, tc.path, status, got, tc.status, tc.answer)
+		}
+	}
+}
+
+func TestRedisConcurrentPublishesArriveInOneOrder(t *testing.T) {
+	rs := startRedis(t)
+	a, b := startNode(t, rs.url()), startNode(t, rs.url())
+	ch := a.prepare("")
+	subs := []*wsClient{a.dial(ch.SubscriberToken), a.dial(ch.SubscriberToken), b.dial(ch.SubscriberToken), b.dial(ch.SubscriberToken)}
+	const n = 200
+	var wg sync.WaitGroup
+	for _, d := range []*daemon{a, b} {
+		wg.Go(func() {
+			for i := range n {
+				d.publish(ch.PublisherToken, fmt.Sprintf("%s %d", d.url, i))
+			}
+		})
+	}
+	var first []string
+	for i, sub := range subs {
+		var got []string
+		next := map[string]int{a.url: 0, b.url: 0}
+		for range 2 * n {
+			_, p := sub.next()
+			got = append(got, string(p))
+			from, num, _ := strings.Cut(string(p), " ")
+			if num != strconv.Itoa(next[from]) {
+				t.Fatalf("subscriber %d got %q after %d messages from %s: out of order, lost or twice", i, p, next[from], from)
+			}
+			next[from]++
+		}
+		if i == 0 {
+			first = got
+		} else if !slices.Equal(got, first) {
+			t.Fatalf("subscriber %d saw another order than subscriber 0", i)
+		}
+	}
+	wg.Wait()
+	for _, sub := range subs { // and nothing more
+		sub.conn.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		if _, err := sub.br.ReadByte(); !isTimeout(err) {
+			t.Errorf("more than %d messages: %v", 2*n, err)
+		}
+	}
+}
+
+func TestRedisDeleteClosesSubscribersOnEveryNode(t *testing.T) {
+	rs := startRedis(t)
+	a, b := startNode(t, rs.url()), startNode(t, rs.url())
+	ch := a.prepare("")
+	ws := a.dial(ch.SubscriberToken)
+	ev := b.sse(ch.SubscriberToken, "")
+	b.mustCall("DELETE", "/channel/publish/"+ch.PublisherToken, "", 200, nil)
+	if reason := ws.expectClose(1000); reason != "channel deleted" {
+		t.Errorf("close reason %q", reason)
+	}
+	if got := ev.message(); got.event != "close" || got.data != `{"code":1000,"reason":"channel deleted"}` {
+		t.Errorf("SSE on B: %+v", got)
+	}
+	for _, d := range []*daemon{a, b} {
+		for _, call := range [][2]string{{"GET", "/channel/" + ch.PublisherToken}, {"POST", "/channel/publish/" + ch.PublisherToken},
+			{"DELETE", "/channel/publish/" + ch.PublisherToken}, {"PATCH", "/channel/edit/" + ch.PublisherToken}} {
+			if status, _, _ := d.call(call[0], call[1], ""); status != 404 {
+				t.Errorf("%s %s on %s after delete: %d", call[0], call[1], d.url, status)
+			}
+		}
+		if status, _, _ := d.call("GET", "/channel/subscribe/"+ch.SubscriberToken, ""); status != 404 {
+			t.Errorf("subscribe on %s after delete: %d", d.url, status)
+		}
+	}
+}
+
+func TestRedisListenersCountEveryLiveNode(t *testing.T) {
+	rs := startRedis(t)
+	a := startNode(t, rs.url())
+	b := startProcess(t, "-bind", "127.0.0.1", "-redis", rs.url())
+	ch := a.prepare("")
+	a.dial(ch.SubscriberToken)
+	a.sse(ch.SubscriberToken, "")
+	onB := b.sse(ch.SubscriberToken, "")
+	// Joins are counted before the subscriber can see its stream: exact at once.
+	for _, d := range []*daemon{a, b.daemon} {
+		if n := d.listeners(ch.PublisherToken); n != 3 {
+			t.Errorf("listeners on %s = %d, want 3", d.url, n)
+		}
+	}
+	leaving := b.dial(ch.SubscriberToken)
+	if n := a.listeners(ch.PublisherToken); n != 4 {
+		t.Errorf("listeners = %d, want 4", n)
+	}
+	leaving.send(true, websocket.CloseFrame, closePayload(1000))
+	leaving.expectClose(1000)
+	start := time.Now()
+	waitFor(t, "the count to drop", func() bool { return a.listeners(ch.PublisherToken) == 3 })
+	if lag := time.Since(start); lag > 3*time.Second {
+		t.Errorf("a leave took %v to count", lag)
+	}
+
+	// B dies without a word: its subscriber reconnects to A and resumes,
+	// and B's count vanishes by itself.
+	b.publish(ch.PublisherToken, "before")
+	last := onB.message()
+	if err := b.signal(syscall.SIGKILL); err == nil {
+		t.Fatal("the node survived SIGKILL")
+	}
+	died := time.Now()
+	a.publish(ch.PublisherToken, "while away")
+	again := a.sse(ch.SubscriberToken, last.id)
+	if got := again.message(); got.data != "while away" {
+		t.Errorf("resumed on A with %+v", got)
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for a.listeners(ch.PublisherToken) != 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("listeners = %d 15 s after the node died, want 3", a.listeners(ch.PublisherToken))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Logf("a dead node left the count after %v", time.Since(died).Round(100*time.Millisecond))
+	var list struct{ Channels []channelJSON }
+	a.mustCall("GET", "/channel", "", 200, &list)
+	if len(list.Channels) != 1 || list.Channels[0].Listeners != 3 {
+		t.Errorf("list: %+v", list)
+	}
+}
+
+func TestRedisBacklogAndResumeAcrossNodes(t *testing.T) {
+	rs := startRedis(t)
+	a, b := startNode(t, rs.url()), startNode(t, rs.url())
+	ch := a.prepare("")
+	for i := range 3 {
+		if r := a.publish(ch.PublisherToken, fmt.Sprint("early ", i)); !r.Queued || r.Subscribers != 0 {
+			t.Fatalf("publish before any subscriber: %+v, want queued", r)
+		}
+	}
+	first := b.dial(ch.SubscriberToken)
+	for i := range 3 {
+		first.expectText(fmt.Sprint("early ", i))
+	}
+	if r := a.publish(ch.PublisherToken, "live"); r.Queued || r.Subscribers != 1 {
+		t.Errorf("publish with a subscriber: %+v", r)
+	}
+	first.expectText("live")
+	// The next subscriber, on the other node, gets only what nobody had.
+	second := a.sse(ch.SubscriberToken, "")
+	b.publish(ch.PublisherToken, "for both")
+	first.expectText("for both")
+	seen := second.message()
+	if seen.data != "for both" {
+		t.Fatalf("second subscriber got %+v first", seen)
+	}
+	// Its stream breaks; it reconnects to B with Last-Event-ID and misses nothing.
+	second.conn.Close()
+	waitFor(t, "the SSE subscriber to leave", func() bool { return a.listeners(ch.PublisherToken) == 1 })
+	a.publish(ch.PublisherToken, "missed 1")
+	b.publish(ch.PublisherToken, "missed 2")
+	first.expectText("missed 1")
+	first.expectText("missed 2")
+	resumed := b.sse(ch.SubscriberToken, seen.id)
+	var ids []uint64
+	for _, want := range []string{"missed 1", "missed 2"} {
+		ev := resumed.message()
+		if ev.data != want {
+			t.Fatalf("resumed with %+v, want %q", ev, want)
+		}
+		id, _ := strconv.ParseUint(ev.id, 10, 64)
+		ids = append(ids, id)
+	}
+	a.publish(ch.PublisherToken, "live again")
+	ev := resumed.message()
+	id, _ := strconv.ParseUint(ev.id, 10, 64)
+	before, _ := strconv.ParseUint(seen.id, 10, 64)
+	if ev.data != "live again" || !slices.IsSorted(append([]uint64{before}, append(ids, id)...)) || before == ids[0] {
+		t.Errorf("after resuming: %+v; ids %d %v %d must grow", ev, before, ids, id)
+	}
+	first.expectText("live again")
+}
+
+func TestRedisRaceOfJoinAndPublishHandsEachMessageOnce(t *testing.T) {
+	rs := startRedis(t)
+	a, b := startNode(t, rs.url()), startNode(t, rs.url())
+	// Rounds of: a publish through A while a subscriber joins on B. Whichever
+	// Redis takes first, the subscriber gets the message once: kept and
+	// handed over at the join, or delivered live.
+	for round := range 20 {
+		ch := a.prepare("")
+		joined := make(chan *wsClient, 1)
+		go func() {
+			c, resp := dialWS(t, b.wsURL(ch.SubscriberToken), nil)
+			if c == nil {
+				t.Errorf("subscribe: %s", resp.Status)
+			}
+			joined <- c
+		}()
+		a.publish(ch.PublisherToken, fmt.Sprint("round ", round))
+		c := recv(t, joined, "the subscriber")
+		if c == nil {
+			return
+		}
+		c.expectText(fmt.Sprint("round ", round))
+		a.publish(ch.PublisherToken, "after")
+		c.expectText("after") // not the round's message a second time
+	}
+}
+
+func TestRedisOutagesAnswer503AndRecover(t *testing.T) {
+	// With a password and a database other than 0: every reconnect must
+	// send AUTH and SELECT again.
+	rs := startRedis(t, "--appendonly", "yes", "--dir", t.TempDir(), "--requirepass", "pw")
+	url := fmt.Sprintf("redis://:pw@127.0.0.1:%d/3", rs.port)
+	a, b := startNode(t, url), startNode(t, url)
+	ch := a.prepare(`{"tag": "kept"}`)
+	sub := b.dial(ch.SubscriberToken)
+	ev := a.sse(ch.SubscriberToken, "")
+	a.publish(ch.PublisherToken, "before")
+	sub.expectText("before")
+	ev.message()
+
+	// thawed: a publish that Redis had read when it froze is applied when
+	// it thaws, though answered 503 (it may reach subscribers, never lost
+	// while answered 200).
+	outage := func(what string, thawed bool, begin, end func()) {
+		t.Helper()
+		begin()
+		changes := []struct{ method, path, body string }{
+			{"POST", "/channel/publish/" + ch.PublisherToken, "during"},
+			{"POST", "/channel/prepare", ""},
+			{"PATCH", "/channel/edit/" + ch.PublisherToken, `{"tag": "x"}`},
+			{"DELETE", "/channel/publish/" + ch.PublisherToken, ""},
+		}
+		for _, c := range changes {
+			start := time.Now()
+			status, header, body := a.call(c.method, c.path, c.body)
+			if took := time.Since(start); status != 503 || took > 2*time.Second || header.Get("Content-Type") != "application/json" || !strings.HasPrefix(body, `{"type":"ERR","message":"cannot reach Redis: `) {
+				t.Errorf("%s: %s %s answered %d %s after %v, want 503 JSON within 2 s", what, c.method, c.path, status, body, took)
+			}
+		}
+		for _, d := range []*daemon{a, b} {
+			start := time.Now()
+			waitFor(t, "/healthz to say 503", func() bool {
+				status, _, _ := d.call("GET", "/healthz", "")
+				return status == 503
+			})
+			if took := time.Since(start); took > 10*time.Second {
+				t.Errorf("%s: /healthz said 503 after %v", what, took)
+			}
+		}
+		end()
+		for _, d := range []*daemon{a, b} {
+			waitFor(t, "/healthz to say 200 again", func() bool {
+				status, _, _ := d.call("GET", "/healthz", "")
+				return status == 200
+			})
+		}
+		// The subscribers that stayed connected receive again, from either node.
+		for i, d := range []*daemon{a, b} {
+			msg := what + " over, through " + d.url
+			if r := d.publish(ch.PublisherToken, msg); r.Subscribers != 2 {
+				t.Errorf("%s: publish after: %+v", what, r)
+			}
+			if _, p := sub.next(); i == 0 && thawed && string(p) == "during" {
+				sub.expectText(msg)
+			} else if string(p) != msg {
+				t.Errorf("%s: WebSocket got %q, want %q", what, p, msg)
+			}
+			got := ev.message()
+			if i == 0 && thawed && got.data == "during" {
+				got = ev.message()
+			}
+			if got.data != msg {
+				t.Errorf("%s: SSE got %+v, want %q", what, got, msg)
+			}
+		}
+		if got := a.mustCall("GET", "/channel/"+ch.PublisherToken, "", 200, nil); !strings.Contains(got, `"tag":"kept"`) {
+			t.Errorf("%s: the channel after: %s", what, got)
+		}
+	}
+	outage("redis killed and restarted with its data", false, rs.kill, rs.start)
+	outage("redis frozen", true, func() { rs.cmd.Process.Signal(syscall.SIGSTOP) }, func() {
+		// Frozen, the Pub/Sub connection says nothing: its probe finds it dead.
+		waitFor(t, "the Pub/Sub probe to notice", func() bool {
+			return strings.Contains(b.logs.String(), "not even an answer to PING")
+		})
+		rs.cmd.Process.Signal(syscall.SIGCONT)
+	})
+}
+
+func TestRedisLostAnnouncementsAreFilledFromTheStream(t *testing.T) {
+	rs := startRedis(t)
+	a, b := startNode(t, rs.url()), startNode(t, rs.url())
+	ch := a.prepare("")
+	sub := b.dial(ch.SubscriberToken)
+	a.publish(ch.PublisherToken, "0")
+	sub.expectText("0")
+	for round := 1; round <= 3; round++ {
+		// Every node's Pub/Sub connection is cut; what is published before
+		// they subscribe again reaches the subscriber all the same, in order.
+		rs.do("CLIENT", "KILL", "TYPE", "pubsub")
+		for i := range 3 {
+			a.publish(ch.PublisherToken, fmt.Sprint(round, ".", i))
+		}
+		for i := range 3 {
+			sub.expectText(fmt.Sprint(round, ".", i))
+		}
+	}
+	a.publish(ch.PublisherToken, "last")
+	sub.expectText("last")
+}
+
+func TestRedisWrongPasswordIsNamed(t *testing.T) {
+	rs := startRedis(t, "--requirepass", "right")
+	base := fmt.Sprintf("127.0.0.1:%d/0", rs.port)
+	err := run(context.Background(), []string{"-bind", "127.0.0.1", "-port", "0", "-redis", "redis://:wrong@" + base}, func(string) string { return "" }, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "redis refused the password") || exitStatus(err) == 0 {
+		t.Errorf("wrong password: %v (exit %d)", err, exitStatus(err))
+	}
+	for _, u := range []string{"redis://:right@" + base, "redis://default:right@" + base} {
+		d := startNode(t, u)
+		d.prepare("")
+	}
+}
+
+func TestRedisPrefixKeepsDeploymentsApart(t *testing.T) {
+	rs := startRedis(t)
+	a := startNode(t, rs.url())
+	b := startNode(t, rs.url(), "-redis-prefix", "other:")
+	ch := a.prepare("")
+	sub := a.dial(ch.SubscriberToken)
+	otherCh := b.prepare("")
+	otherSub := b.dial(otherCh.SubscriberToken)
+	if status, _, _ := b.call("GET", "/channel/"+ch.PublisherToken, ""); status != 404 {
+		t.Errorf("B sees A's channel: %d", status)
+	}
+	otherCh.Listeners = 1
+	if got := b.mustCall("GET", "/channel", "", 200, nil); got != `{"channels":[`+strings.TrimSuffix(channelBody(otherCh), "\n")+"]}\n" {
+		t.Errorf("B lists %s", got)
+	}
+	if status, _, _ := b.call("GET", "/channel/subscribe/"+ch.SubscriberToken, ""); status != 404 {
+		t.Errorf("B subscribes to A's channel: %d", status)
+	}
+	a.publish(ch.PublisherToken, "for A")
+	b.publish(otherCh.PublisherToken, "for B")
+	sub.expectText("for A")
+	otherSub.expectText("for B")
+	for _, k := range rs.keys("*") {
+		if !strings.HasPrefix(k, "gockets:") && !strings.HasPrefix(k, "other:") {
+			t.Errorf("key %q outside both prefixes", k)
+		}
+	}
+}
+
+func TestRedisMemoryStaysBounded(t *testing.T) {
+	rs := startRedis(t)
+	a := startNode(t, rs.url(), "-backlog", "10")
+	ch := a.prepare(`{"tag": "t"}`)
+	sub := a.dial(ch.SubscriberToken)
+	keysBefore := rs.keys("*")
+	for i := range 2000 {
+		a.publish(ch.PublisherToken, fmt.Sprint("m", i))
+	}
+	for i := range 2000 {
+		sub.expectText(fmt.Sprint("m", i))
+	}
+	log := "gockets:log:" + ch.PublisherToken
+	if n := rs.do("XLEN", log).(int64); n > 2*streamMinLength {
+		t.Errorf("stream holds %d messages after 2000 publishes, want at most %d", n, 2*streamMinLength)
+	}
+	if ttl := rs.do("PTTL", log).(int64); ttl <= 0 || ttl > streamMinTTL.Milliseconds() {
+		t.Errorf("stream TTL %d ms", ttl)
+	}
+	if got := rs.keys("*"); !slices.Equal(got, slices.Sorted(slices.Values(append(keysBefore, log)))) {
+		t.Errorf("keys after 2000 publishes: %v, before: %v", got, keysBefore)
+	}
+	a.mustCall("DELETE", "/channel/publish/"+ch.PublisherToken, "", 200, nil)
+	sub.expectClose(1000)
+	for _, k := range rs.keys("*") {
+		if k != "gockets:seq" && k != "gockets:nodes" && !strings.HasPrefix(k, "gockets:node:") {
+			t.Errorf("key %q left after the channel was deleted", k)
+		}
+	}
+	waitFor(t, "the node's counts to empty", func() bool {
+		for _, k := range rs.keys("gockets:node:*") {
+			if rs.do("HLEN", k).(int64) != 0 {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+func TestRedisFlags(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"-redis", "redis://127.0.0.1:1/0", "-state-file", "x"}, "-redis and -state-file do not go together: with Redis, Redis is the store now"},
+		{[]string{"-redis", "http://127.0.0.1/0"}, `-redis: scheme "http": use redis:// or rediss://`},
+		{[]string{"-redis", "redis://127.0.0.1/zero"}, `-redis: database "zero" is not a number`},
+		{[]string{"-redis", "redis:///0"}, "-redis: no host"},
+		{[]string{"-redis", "redis://127.0.0.1", "-channel-ttl", "1h"}, "-channel-ttl is not available with -redis yet"},
+	} {
+		_, err := parseConfig(tc.args, func(string) string { return "" }, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), tc.want) || exitStatus(err) != 2 {
+			t.Errorf("%q: %v, want exit 2 with %q", tc.args, err, tc.want)
+		}
+	}
+	for raw, want := range map[string]redisOptions{
+		"redis://127.0.0.1":                  {addr: "127.0.0.1:6379", host: "127.0.0.1"},
+		"rediss://u:p%40ss@redis.lan:7000/3": {addr: "redis.lan:7000", host: "redis.lan", tls: true, user: "u", password: "p@ss", db: 3},
+		"redis://:secret@[::1]:6380/0":       {addr: "[::1]:6380", host: "::1", password: "secret"},
+	} {
+		got, err := parseRedisURL(raw)
+		if err != nil || *got != want {
+			t.Errorf("%s: %+v %v, want %+v", raw, got, err, want)
+		}
+	}
+}
+
+// FuzzRESP: the reply parser never panics, never claims more than it read,
+// and what it parses encodes back to the same bytes.
+func FuzzRESP(f *testing.F) {
+	for _, seed := range []string{
+		"+OK\r\n", "-ERR wrong\r\n", ":42\r\n", ":-1\r\n", "$5\r\nhello\r\n", "$0\r\n\r\n", "$-1\r\n", "*-1\r\n",
+		"*3\r\n$7\r\nmessage\r\n$3\r\nabc\r\n$5\r\np x 1\r\n", "*2\r\n$4\r\npong\r\n$0\r\n\r\n",
+		"*2\r\n$15\r\n1700000000000-0\r\n*4\r\n$1\r\nd\r\n$2\r\nhi\r\n$1\r\nb\r\n$1\r\n0\r\n",
+		"$2147483647\r\n", "*16777217\r\n", "*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n", "$3\r\nabcde", ":1\n", "x\r\n",
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		r := bufio.NewReaderSize(bytes.NewReader(data), respMaxLine)
+		reply, err := readReply(r)
+		if err != nil {
+			return
+		}
+		used := len(data) - r.Buffered()
+		if got := encodeReply(nil, reply); !bytes.Equal(got, normalizeRESP(data[:used])) {
+			t.Fatalf("%q parsed as %#v, which encodes as %q", data[:used], reply, got)
+		}
+	})
+}
+
+// encodeReply is RESP2 as Redis writes it.
+func encodeReply(b []byte, v any) []byte {
+	switch v := v.(type) {
+	case nil:
+		return append(b, "$-1\r\n"...)
+	case string:
+		return append(append(append(b, '+'), v...), "\r\n"...)
+	case respError:
+		return append(append(append(b, '-'), v...), "\r\n"...)
+	case int64:
+		return append(strconv.AppendInt(append(b, ':'), v, 10), "\r\n"...)
+	case []byte:
+		b = append(strconv.AppendInt(append(b, '$'), int64(len(v)), 10), "\r\n"...)
+		return append(append(b, v...), "\r\n"...)
+	case []any:
+		b = append(strconv.AppendInt(append(b, '*'), int64(len(v)), 10), "\r\n"...)
+		for _, item := range v {
+			b = encodeReply(b, item)
+		}
+		return b
+	}
+	panic(fmt.Sprintf("reply of type %T", v))
+}
+
+// normalizeRESP writes the lengths and integers of valid RESP as Redis
+// would ("*-1" is a nil like "$-1", ":+1" is ":1"), for the comparison.
+func normalizeRESP(data []byte) []byte {
+	reply, err := readReply(bufio.NewReaderSize(bytes.NewReader(data), respMaxLine))
+	if err != nil {
+		return nil
+	}
+	return encodeReply(nil, reply)
+}
+
+// The Redis engine passes the behaviour tests of the in-memory one: the same
+// tests, run again with -redis.
+func TestRedisPassesTheOneNodeTests(t *testing.T) {
+	rs := startRedis(t)
+	defer func() { engineArgs = nil }()
+	// Not here: tests that reach into the hub (its stats, its channels) or
+	// that check what differs by design: SSE ids (Redis's grow, but not by
+	// one), the backlog's drop counters (Redis trims and expires them).
+	for i, test := range []struct {
+		name string
+		run  func(*testing.T)
+	}{
+		{"RoutesAnswerTheContract", TestRoutesAnswerTheContract},
+		{"EditKeepsWhatItIsNotGiven", TestEditKeepsWhatItIsNotGiven},
+		{"SearchFiltersByTag", TestSearchFiltersByTag},
+		{"UnknownRoutesAndMethodsAnswerJSON", TestUnknownRoutesAndMethodsAnswerJSON},
+		{"BroadcastReachesEverySubscriberInOrderOnce", TestBroadcastReachesEverySubscriberInOrderOnce},
+		{"PublishSendsTheRawBody", TestPublishSendsTheRawBody},
+		{"FramesReachTheHookRawAndInOrder", TestFramesReachTheHookRawAndInOrder},
+		{"HookWithoutSchemeIsDeliveredOverHTTP", TestHookWithoutSchemeIsDeliveredOverHTTP},
+		{"ListenersIsExact", TestListenersIsExact},
+		{"DeleteClosesSubscribersAndForgetsTheChannel", TestDeleteClosesSubscribersAndForgetsTheChannel},
+		{"SubscribeToUnknownTokenIs404", TestSubscribeToUnknownTokenIs404},
+		{"BadInputIsRefusedAndChangesNothing", TestBadInputIsRefusedAndChangesNothing},
+		{"HookURLsAreKeptAsGiven", TestHookURLsAreKeptAsGiven},
+		{"BodiesAreLimited", TestBodiesAreLimited},
+		{"SlowSubscriberIsDroppedOthersGetEverything", TestSlowSubscriberIsDroppedOthersGetEverything},
+		{"MessagesWaitForTheNextSubscriber", TestMessagesWaitForTheNextSubscriber},
+		{"SSEResumesFromLastEventID", TestSSEResumesFromLastEventID},
+		{"BinaryMessagesBothWays", TestBinaryMessagesBothWays},
+		{"PresenceEventsOncePerChange", TestPresenceEventsOncePerChange},
+		{"TokensNeverReachTheLogs", TestTokensNeverReachTheLogs},
+		{"ShutdownClosesSubscribersAndFinishesRequests", TestShutdownClosesSubscribersAndFinishesRequests},
+	} {
+		engineArgs = []string{"-redis", rs.url(), "-redis-prefix", fmt.Sprintf("test%d:", i)}
+		t.Run(test.name, test.run)
+	}
+}
+
+// BenchmarkRedisPublish is a publish through the engine on Redis, with one
+// WebSocket subscriber on the same node receiving it.
+func BenchmarkRedisPublish(b *testing.B) {
+	rs := startRedis(b)
+	d := startDaemon(b, "-redis", rs.url())
+	ch := d.prepare("")
+	sub := d.subscribe(ch.SubscriberToken)
+	received := make(chan error, 1)
+	go func() {
+		var msg string
+		for range b.N {
+			sub.SetReadDeadline(time.Now().Add(waitTimeout))
+			if err := websocket.Message.Receive(sub, &msg); err != nil {
+				received <- err
+				return
+			}
+		}
+		received <- nil
+	}()
+	body := []byte(strings.Repeat("x", 64))
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, _, err := d.hub.engine.publish(context.Background(), ch.PublisherToken, textMessage(body)); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	if err := <-received; err != nil {
+		b.Fatal(err)
+	}
+}
+
+func TestRedisSubscribersJoiningMidStreamMissNothingAfterTheirJoin(t *testing.T) {
+	rs := startRedis(t)
+	a, b := startNode(t, rs.url()), startNode(t, rs.url())
+	ch := a.prepare("")
+	reference := a.dial(ch.SubscriberToken)
+	const n = 300
+	var wg sync.WaitGroup
+	for _, d := range []*daemon{a, b} {
+		wg.Go(func() {
+			for i := range n {
+				d.publish(ch.PublisherToken, fmt.Sprintf("%s %d", d.url, i))
+			}
+		})
+	}
+	// Subscribers join on both nodes while both publish: each must get, from
+	// its first message on, every later one of the common order, once.
+	var late []*wsClient
+	for i := range 6 {
+		late = append(late, []*daemon{a, b}[i%2].dial(ch.SubscriberToken))
+		time.Sleep(time.Duration(i) * 5 * time.Millisecond) // spread over the publishing
+	}
+	wg.Wait()
+	a.publish(ch.PublisherToken, "end") // for a subscriber that joined after the others
+	var order []string
+	for range 2*n + 1 {
+		_, p := reference.next()
+		order = append(order, string(p))
+	}
+	for i, c := range late {
+		_, p := c.next()
+		at := slices.Index(order, string(p))
+		if at < 0 {
+			t.Fatalf("late subscriber %d got %q, which the reference never did", i, p)
+		}
+		for _, want := range order[at+1:] {
+			if _, p := c.next(); string(p) != want {
+				t.Fatalf("late subscriber %d got %q, want %q (joined at %d of %d)", i, p, want, at, len(order))
+			}
+		}
+	}
+}
+
+func TestRedisRestartedWithoutItsDataClosesTheChannels(t *testing.T) {
+	rs := startRedis(t) // no persistence
+	a := startNode(t, rs.url())
+	ch := a.prepare("")
+	sub := a.dial(ch.SubscriberToken)
+	rs.kill()
+	rs.start()
+	// The node finds the channel gone when it subscribes again.
+	if reason := sub.expectClose(1000); reason != "channel deleted" {
+		t.Errorf("close reason %q", reason)
+	}
+	if status, _, _ := a.call("GET", "/channel/"+ch.PublisherToken, ""); status != 404 {
+		t.Errorf("show after Redis lost the channel: %d", status)
+	}
 }
