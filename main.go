@@ -22,6 +22,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -63,13 +64,16 @@ const (
 	// to accept bytes is stuck, and its connection is closed.
 	writeWait = 10 * time.Second
 	// closeGrace is how long we wait for a peer's close frame after ours
-	// before dropping the TCP connection, and how long a write under way
-	// may still take once its subscriber is being dropped.
+	// before dropping the TCP connection, and how long the write under way
+	// and our close frame may still take once a subscriber is dropped: a
+	// peer that reads gets its close code within it.
 	closeGrace = time.Second
-	// drainWait bounds the write under way, then the messages still queued,
-	// for a subscriber closed in order (channel deleted, shutdown): twice,
-	// with closeGrace twice, it keeps a stuck subscriber inside
-	// shutdownTimeout.
+	// drainWait bounds everything written to a subscriber closed in order
+	// (channel deleted, shutdown): queued messages start during its first
+	// drainWait-closeGrace, the last of them and the close frame get the
+	// rest. With closeGrace for the peer's close after it, a subscriber that
+	// does not read keeps shutdown waiting drainWait, one that reads slowly
+	// drainWait+closeGrace at most: well inside shutdownTimeout.
 	drainWait = 2 * time.Second
 	// sseHeartbeat is the longest an SSE stream stays silent: proxies close
 	// streams idle for a minute (nginx's proxy_read_timeout).
@@ -111,8 +115,20 @@ const (
 	// frames bigger than the buffer go around it, and 256 bytes hold the 101
 	// answer and any control frame.
 	wsBufferSize = 256
+	// directShare is how many subscribers a publisher writes to before the
+	// writes of one publish are split over the cores: a few hundred
+	// microseconds of system calls.
+	directShare = 128
 	// batchBytes is the most a WebSocket writer gathers for one write.
 	batchBytes = 64 << 10
+	// sendBufferBytes caps the kernel's send buffer of a connection (Linux
+	// doubles it for its bookkeeping; left alone it grows to 4 MiB). What
+	// the kernel holds is past recall: with this cap a subscriber reading
+	// 2 MB/s gets a close frame a quarter of a second after we write it,
+	// not two seconds, and a thousand stuck subscribers pin 0.5 GB of
+	// kernel memory, not 4 GB. 512 KiB in flight still carry 40 Mbit/s to
+	// a peer 100 ms away.
+	sendBufferBytes = 256 << 10
 	// reservedFiles is how many of the open-files limit the default
 	// -max-subscribers leaves to everything that is not a subscriber (half
 	// of it when the limit is lower than twice this): admin requests and
@@ -554,6 +570,7 @@ type hub struct {
 	quit             chan struct{}  // closed by stop: the janitor and the store end
 	background       sync.WaitGroup // the janitor and the store
 	batches          sync.Pool      // of *[]byte, lent to WebSocket writers while they write
+	claims           sync.Pool      // of *[]*subscriber, lent to publish
 	requests         requestWatch   // what each HTTP connection is doing, for shutdown
 	refusedOrigins   logLimit       // spaces the log lines of refused origins
 }
@@ -617,6 +634,48 @@ type message struct {
 	data   []byte
 	binary bool // sent as a binary frame (SSE: base64)
 	at     time.Time
+	frame  []byte // the WebSocket frame: its header, then data
+}
+
+// frameHeadroom is room for the longest header of a frame we send: 2
+// bytes, then 8 of length (a server does not mask).
+const frameHeadroom = 10
+
+// newMessage makes a message of what follows frameHeadroom bytes in buf,
+// and builds its WebSocket frame there, in place: once, the same bytes for
+// every subscriber, where x/net/websocket would build it for each.
+func newMessage(buf []byte, isBinary bool, at time.Time) *message {
+	data := buf[frameHeadroom:]
+	opcode := byte(websocket.TextFrame)
+	if isBinary {
+		opcode = websocket.BinaryFrame
+	}
+	var header [frameHeadroom]byte
+	h := appendFrameHeader(header[:0], opcode, len(data))
+	start := frameHeadroom - len(h)
+	copy(buf[start:], h)
+	return &message{data: data, binary: isBinary, at: at, frame: buf[start:]}
+}
+
+// messageOf makes a message of data that was read without headroom (from
+// Redis): one copy, for the frame.
+func messageOf(data []byte, isBinary bool, at time.Time) *message {
+	buf := make([]byte, frameHeadroom+len(data))
+	copy(buf[frameHeadroom:], data)
+	return newMessage(buf, isBinary, at)
+}
+
+// appendFrameHeader appends the header of an unmasked frame that is a whole
+// message (RFC 6455, 5.2).
+func appendFrameHeader(b []byte, opcode byte, length int) []byte {
+	b = append(b, 0x80|opcode) // FIN
+	switch {
+	case length < 126:
+		return append(b, byte(length))
+	case length < 1<<16:
+		return binary.BigEndian.AppendUint16(append(b, 126), uint16(length))
+	}
+	return binary.BigEndian.AppendUint64(append(b, 127), uint64(length))
 }
 
 // kept is a message in a channel's backlog; delivered once some subscriber
@@ -652,6 +711,7 @@ func newHub(cfg config, log *slog.Logger) (*hub, error) {
 	h.hookCtx, h.cancelHooks = context.WithCancel(context.Background())
 	h.hookWork.inFlight = make(map[string]int)
 	h.batches.New = func() any { return new([]byte) }
+	h.claims.New = func() any { return new([]*subscriber) }
 	h.mux = h.routes()
 	h.engine = memoryEngine{h}
 	if cfg.redis != nil {
@@ -834,7 +894,7 @@ func (h *hub) closeAll() {
 		subs := slices.Clone(ch.subscribers)
 		ch.mu.Unlock()
 		for _, s := range subs {
-			s.stop(farewell{closeGoingAway, "server shutting down", true, false})
+			s.stop(farewell{closeGoingAway, "server shutting down", true})
 		}
 	}
 }
@@ -874,10 +934,19 @@ func (h *hub) wait(ctx context.Context) error {
 }
 
 // publish hands a message to every subscriber of the channel, or keeps it
-// for the next one when there is none. A subscriber whose queue is full is
-// disconnected, never waited for.
+// for the next one when there is none. A subscriber with nothing queued and
+// no write under way is written to here, by the publisher (offer); the
+// others get it queued for their writer. A subscriber whose queue is full
+// is disconnected, never waited for. publish returns once the direct
+// writes are done, so that fan-outs of one channel do not overlap.
 func (h *hub) publish(ch *channel, m *message) (subscribers int, queued, ok bool) {
 	var slow []*subscriber
+	claims := h.claims.Get().(*[]*subscriber)
+	defer func() {
+		clear(*claims)
+		*claims = (*claims)[:0]
+		h.claims.Put(claims)
+	}()
 	ch.mu.Lock()
 	if ch.deleted {
 		ch.mu.Unlock()
@@ -885,10 +954,18 @@ func (h *hub) publish(ch *channel, m *message) (subscribers int, queued, ok bool
 	}
 	ch.lastID++
 	m.id, ch.lastActive = ch.lastID, m.at
+	if m.frame == nil { // made without newMessage or messageOf: subscribers would get nothing
+		m.frame = messageOf(m.data, m.binary, m.at).frame
+	}
 	for i := 0; i < len(ch.subscribers); i++ {
-		if s := ch.subscribers[i]; s.enqueue(m) {
+		s := ch.subscribers[i]
+		switch s.offer(m) {
+		case claimed:
+			*claims = append(*claims, s)
 			subscribers++
-		} else {
+		case enqueued:
+			subscribers++
+		case full:
 			ch.removeLocked(s) // once: a concurrent publish does not see it again
 			slow = append(slow, s)
 			i-- // the last subscriber took its place
@@ -899,6 +976,7 @@ func (h *hub) publish(ch *channel, m *message) (subscribers int, queued, ok bool
 		ch.keep(kept{m, !queued}, h.cfg.backlog, &h.stats)
 	}
 	ch.mu.Unlock()
+	h.writeDirect(*claims, m)
 
 	h.stats.published.Add(1)
 	switch {
@@ -908,11 +986,38 @@ func (h *hub) publish(ch *channel, m *message) (subscribers int, queued, ok bool
 		h.stats.droppedNoSubscriber.Add(1)
 	}
 	for _, s := range slow {
-		s.log.Warn("subscriber too slow: disconnected", "queued", h.cfg.sendQueue)
+		s.log().Warn("subscriber too slow: disconnected", "queued", h.cfg.sendQueue)
 		h.stats.slowDisconnects.Add(1)
-		s.stop(farewell{closePolicyViolation, "too slow: send queue full", false, true})
+		s.stop(farewell{closePolicyViolation, "too slow: send queue full", false})
 	}
 	return subscribers, queued, true
+}
+
+// writeDirect writes m to the subscribers a publish claimed, split over
+// the cores when there are many.
+func (h *hub) writeDirect(claimed []*subscriber, m *message) {
+	if len(claimed) < 2*directShare { // most publishes: GOMAXPROCS takes the scheduler's lock
+		h.stats.delivered.Add(writeEach(claimed, m))
+		return
+	}
+	parts := min(runtime.GOMAXPROCS(0), len(claimed)/directShare)
+	per := (len(claimed) + parts - 1) / parts
+	var wg sync.WaitGroup
+	for part := range slices.Chunk(claimed[per:], per) {
+		wg.Go(func() { h.stats.delivered.Add(writeEach(part, m)) })
+	}
+	h.stats.delivered.Add(writeEach(claimed[:per], m))
+	wg.Wait()
+}
+
+func writeEach(claimed []*subscriber, m *message) int64 {
+	var whole int64
+	for _, s := range claimed {
+		if s.writeClaimed(m) {
+			whole++
+		}
+	}
+	return whole
 }
 
 // keep adds a message to the backlog, dropping the oldest beyond limit.
@@ -975,7 +1080,7 @@ func (h *hub) join(ch *channel, s *subscriber, resume bool, lastID uint64) bool 
 // unjoin undoes join for a subscriber whose upgrade failed after it: it
 // leaves, and what it took from the backlog waits for the next one again.
 func (h *hub) unjoin(ch *channel, s *subscriber) {
-	s.stop(farewell{closeGoingAway, "handshake failed", false, false})
+	s.stop(farewell{closeGoingAway, "handshake failed", false})
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
 	for i, k := range ch.backlog {
@@ -1056,7 +1161,7 @@ func (h *hub) sweep(now time.Time) {
 		}
 		// Nobody waits for this change to reach the disk: the store saves it
 		// with the next one, or at shutdown.
-		if _, ok := h.delete(ch, farewell{closeNormal, "channel expired", true, false}, h.cfg.channelTTL); ok {
+		if _, ok := h.delete(ch, farewell{closeNormal, "channel expired", true}, h.cfg.channelTTL); ok {
 			h.log.Info("channel expired", "channel", fingerprint(ch.subscriberToken), "idle", idle.Round(time.Millisecond))
 		}
 	}
@@ -1297,7 +1402,7 @@ func (e memoryEngine) remove(ctx context.Context, token string) (string, error) 
 	if ch == nil {
 		return "", errNotFound
 	}
-	seq, ok := e.h.delete(ch, farewell{closeNormal, "channel deleted", true, false}, 0)
+	seq, ok := e.h.delete(ch, farewell{closeNormal, "channel deleted", true}, 0)
 	if !ok {
 		return "", errNotFound
 	}
@@ -2927,7 +3032,7 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 	f, ok := reply.([]any)
 	if err != nil || !ok || len(f) != 2 {
 		if err != nil {
-			s.log.Warn("join through redis failed", "err", err)
+			s.log().Warn("join through redis failed", "err", err)
 		}
 		return false
 	}
@@ -2955,14 +3060,14 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 			sh.mu.Unlock()
 			if behind { // announced before this node followed the channel
 				if err := r.catchUp(ch, target); err != nil {
-					s.log.Warn("catching up with the channel failed", "err", err)
+					s.log().Warn("catching up with the channel failed", "err", err)
 				}
 			}
 			return joined
 		case sh.cursor < last: // announcements still on their way: take them now
 			sh.mu.Unlock()
 			if err := r.catchUp(ch, last); err != nil {
-				s.log.Warn("catching up with the channel failed", "err", err)
+				s.log().Warn("catching up with the channel failed", "err", err)
 				return false
 			}
 		default: // this node handed out more since: the newcomer gets them too
@@ -2970,7 +3075,7 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 			sh.mu.Unlock()
 			more, err := r.between(ch.publisherToken, last, to)
 			if err != nil {
-				s.log.Warn("reading the channel's stream failed", "err", err)
+				s.log().Warn("reading the channel's stream failed", "err", err)
 				return false
 			}
 			kept, last = append(kept, more...), to
@@ -2981,7 +3086,7 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 // unjoin undoes a join whose upgrade failed. What the join took from the
 // backlog is not given back: other nodes may have handed out more since.
 func (r *redisEngine) unjoin(_ *channel, s *subscriber) {
-	s.stop(farewell{closeGoingAway, "handshake failed", false, false})
+	s.stop(farewell{closeGoingAway, "handshake failed", false})
 }
 
 // countChangedLocked writes this node's count of the channel's subscribers
@@ -3097,7 +3202,9 @@ func entryMessage(v any) *message {
 		return nil
 	}
 	data, _ := fields[1].([]byte)
-	return &message{id: id, data: data, binary: replyString(fields[3]) == "1", at: time.Now()}
+	m := messageOf(data, replyString(fields[3]) == "1", time.Now())
+	m.id = id
+	return m
 }
 
 // between reads the messages of a channel's stream after id from, up to
@@ -3291,7 +3398,9 @@ func (r *redisEngine) announced(a []byte) error {
 			r.h.log.Warn("malformed announcement from redis", "bytes", len(a))
 			return nil
 		}
-		return r.received(ch, &message{id: id, data: data, binary: string(binaryPart) == "1", at: time.Now()}, prev)
+		m := messageOf(data, string(binaryPart) == "1", time.Now())
+		m.id = id
+		return r.received(ch, m, prev)
 	case "e":
 		var hook *string
 		if len(rest) > 0 {
@@ -3340,7 +3449,7 @@ func (r *redisEngine) setHook(ch *channel, hook *string) {
 
 // deleted closes this node's subscribers of a channel deleted on any node.
 func (r *redisEngine) deleted(ch *channel) {
-	if _, ok := r.h.delete(ch, farewell{closeNormal, "channel deleted", true, false}, 0); ok {
+	if _, ok := r.h.delete(ch, farewell{closeNormal, "channel deleted", true}, 0); ok {
 		r.cmd.send(true, "HDEL", r.nodeKey(), ch.publisherToken)
 	}
 }
@@ -3399,45 +3508,51 @@ const (
 )
 
 // farewell says why a subscriber ends: the close code and reason it is
-// sent, whether the messages still queued go out first (drain), and
-// whether the write under way gets only closeGrace more, because the peer
-// may be stuck.
+// sent, and whether the messages still queued go out first (drain).
 type farewell struct {
 	code   int
 	reason string
 	drain  bool
-	abort  bool
 }
 
 // subscriber is one connection to a channel: a WebSocket or an SSE stream.
-// One writer owns every write to it, pings included. A WebSocket has a
-// reader goroutine and a writer goroutine of its own; an SSE stream has
-// nothing to read, and its handler goroutine is the writer. stop ends
-// them. What it sends for the hook waits in its own queue, which the hub's
-// hook workers serve, and may outlive it.
+// One write at a time is under way (busy): a publisher's, for a message it
+// writes itself (offer), or a writer goroutine's, which runs only while
+// something waits to be written (wakeLocked). A WebSocket has a reader
+// goroutine for its whole life; an SSE stream has nothing to read, and its
+// handler goroutine waits for the goodbye. stop ends them. What it sends
+// for the hook waits in its own queue, which the hub's hook workers serve,
+// and may outlive it.
 type subscriber struct {
 	id        uint64
 	hub       *hub
 	ch        *channel
 	transport string // "websocket" or "sse"
-	log       *slog.Logger
 
 	index       int        // in ch.subscribers, guarded by ch.mu; -1 once removed
 	joined      bool       // set by join, under ch.mu: stop reports a disconnect only then
 	fromBacklog []*message // what join handed over from the backlog, under ch.mu
 
 	mu          sync.Mutex
-	peer        peer       // set when serving starts
-	queue       []*message // waiting for the writer
-	pong        []byte     // payload of a ping to answer, nil if none
-	pingDue     bool       // time to ping (SSE: to send a heartbeat)
-	bye         farewell   // set once, by stop
-	broken      bool       // a write failed: the stream may hold half a frame
-	hookPending *hookQueue // made by its first item; guarded by hub.hookWork.mu, not mu
+	peer        peer        // set when serving starts
+	out         *frameBatch // a WebSocket over TCP: publishers may write to it (offer)
+	queue       []*message  // waiting for the writer
+	rest        []byte      // of a frame a publisher began: written first, counts as a message
+	busy        bool        // a write is under way, by the writer or a publisher
+	pong        []byte      // payload of a ping to answer, nil if none
+	pingDue     bool        // time to ping (SSE: to send a heartbeat)
+	writing     int         // messages the writer has taken: they count against sendQueue
+	bye         farewell    // set once, by stop
+	sendUntil   time.Time   // set by stop: no message starts after it
+	closeBy     time.Time   // set by stop: every write ends by then
+	broken      bool        // a write failed: the stream may hold half a frame
+	hookPending *hookQueue  // made by its first item; guarded by hub.hookWork.mu, not mu
 
-	wake     chan struct{} // the writer has something to do
+	writer   bool        // a writer goroutine runs (or has said goodbye), under mu
+	pinger   *time.Timer // sets pingDue every interval
+	stopping atomic.Bool // stop has run: the writer checks sendUntil between messages
 	stopOnce sync.Once
-	done     chan struct{} // closed when the writer has finished
+	done     chan struct{} // closed when the writer has said goodbye
 }
 
 func (h *hub) newSubscriber(ch *channel, transport string) *subscriber {
@@ -3447,20 +3562,31 @@ func (h *hub) newSubscriber(ch *channel, transport string) *subscriber {
 		hub:       h,
 		ch:        ch,
 		transport: transport,
-		log:       h.log.With("channel", fingerprint(ch.subscriberToken), "subscriber", id, "transport", transport),
 		index:     -1,
-		wake:      make(chan struct{}, 1),
 		done:      make(chan struct{}),
 	}
 }
 
-// serveWebSocket starts the reader and the writer of an upgraded
-// subscriber and returns: net/http's handler goroutine, with its deep stack
-// and its buffers, ends at the upgrade instead of living as long as the
-// connection.
+// log is the subscriber's logger, built when it logs: most never do.
+func (s *subscriber) log() *slog.Logger {
+	return s.hub.log.With("channel", fingerprint(s.ch.subscriberToken), "subscriber", s.id, "transport", s.transport)
+}
+
+// debugging says whether debug lines are logged, for those a subscriber
+// logs in any case (connected, disconnected).
+func (s *subscriber) debugging() bool {
+	return s.hub.log.Enabled(context.Background(), slog.LevelDebug)
+}
+
+// serveWebSocket starts the reader of an upgraded subscriber and returns:
+// net/http's handler goroutine, with its deep stack and its buffers, ends
+// at the upgrade instead of living as long as the connection.
 func (s *subscriber) serveWebSocket(ws *websocket.Conn, conn *keptConn, out *frameBatch) {
-	s.begin(wsPeer{ws, out})
-	go s.writeLoop()
+	direct := out
+	if out.raw == nil {
+		direct = nil // TLS: publishers cannot write to it at once
+	}
+	s.begin(wsPeer{ws, out}, direct)
 	go s.read(ws, conn)
 }
 
@@ -3471,45 +3597,85 @@ func (s *subscriber) read(ws *websocket.Conn, conn *keptConn) {
 	s.stop(s.readLoop(ws, conn.in))
 	<-s.done
 	if err := conn.Conn.Close(); err != nil {
-		s.log.Debug("close", "err", err)
+		s.log().Debug("close", "err", err)
 	}
-	s.log.Debug("subscriber disconnected", "code", s.bye.code, "reason", s.bye.reason)
+	if s.debugging() {
+		s.log().Debug("subscriber disconnected", "code", s.bye.code, "reason", s.bye.reason)
+	}
 }
 
 // serveSSE is the life of an SSE subscriber, run by the handler goroutine,
-// which writes: an event stream has nothing to read.
+// which waits for the goodbye while writers write: an event stream has
+// nothing to read, and its response must not end before.
 func (s *subscriber) serveSSE(p *ssePeer) {
-	s.begin(p)
-	s.writeLoop()
-	s.log.Debug("subscriber disconnected", "reason", s.bye.reason)
+	s.begin(p, nil)
+	<-s.done
+	if s.debugging() {
+		s.log().Debug("subscriber disconnected", "reason", s.bye.reason)
+	}
 }
 
-func (s *subscriber) begin(p peer) {
+// begin lets writes start: a writer runs when there is something to write
+// (what join took from the backlog, a ping every interval). out is set
+// for a WebSocket over TCP, which publishers may write to.
+func (s *subscriber) begin(p peer, out *frameBatch) {
 	s.mu.Lock()
-	s.peer = p
+	s.peer, s.out = p, out
+	s.pinger = time.AfterFunc(s.pingInterval(), s.pingNow)
+	start := s.wakeLocked()
 	s.mu.Unlock()
+	if start {
+		go s.writeLoop()
+	}
 	s.ch.mu.Lock()
 	s.fromBacklog = nil // only unjoin needed it
 	s.ch.mu.Unlock()
-	s.log.Debug("subscriber connected")
+	if s.debugging() {
+		s.log().Debug("subscriber connected")
+	}
+}
+
+// pingInterval is how often the writer pings (SSE: a comment line, often
+// enough that proxies, nginx after 60 s, keep an idle stream open).
+func (s *subscriber) pingInterval() time.Duration {
+	if s.transport == "sse" {
+		return min(s.hub.cfg.pingInterval, sseHeartbeat)
+	}
+	return s.hub.cfg.pingInterval
+}
+
+// pingNow is the pinger's: time to ping.
+func (s *subscriber) pingNow() {
+	s.mu.Lock()
+	s.pingDue = true
+	start := s.wakeLocked()
+	s.mu.Unlock()
+	if start {
+		go s.writeLoop()
+	}
 }
 
 // stop ends the subscriber once: it leaves the channel at once, so that
-// listeners is exact, and the writer says goodbye.
+// listeners is exact, and the writer says goodbye. From here every write
+// ends by closeBy, the write under way included: drainWait for an orderly
+// close, closeGrace otherwise. The writer starts no message after
+// sendUntil, so that a peer that still reads gets whole messages, then the
+// close frame.
 func (s *subscriber) stop(bye farewell) {
 	s.stopOnce.Do(func() {
 		listeners := s.ch.leave(s)
 		s.mu.Lock()
 		s.bye = bye
-		if (bye.abort || bye.drain) && s.peer != nil && !s.broken {
-			// The peer may not be reading: the write under way gets
-			// closeGrace (or drainWait) to finish, not writeWait.
-			wait := closeGrace
-			if bye.drain {
-				wait = drainWait
-			}
-			if err := s.peer.setWriteDeadline(time.Now().Add(wait)); err != nil {
-				s.log.Debug("set write deadline", "err", err)
+		now := time.Now()
+		s.sendUntil, s.closeBy = now, now.Add(closeGrace)
+		if bye.drain {
+			s.closeBy = now.Add(drainWait)
+			s.sendUntil = s.closeBy.Add(-closeGrace)
+		}
+		s.stopping.Store(true)
+		if s.peer != nil && !s.broken {
+			if err := s.peer.setWriteDeadline(s.closeBy); err != nil {
+				s.log().Debug("set write deadline", "err", err)
 			}
 		}
 		s.mu.Unlock()
@@ -3524,20 +3690,113 @@ func (s *subscriber) stop(bye farewell) {
 // subscriber is too far behind.
 func (s *subscriber) enqueue(m *message) bool {
 	s.mu.Lock()
-	if len(s.queue) >= s.hub.cfg.sendQueue {
+	if !s.roomLocked() {
 		s.mu.Unlock()
 		return false
 	}
 	s.queue = append(s.queue, m)
+	start := s.wakeLocked()
 	s.mu.Unlock()
-	s.signal()
+	if start {
+		go s.writeLoop()
+	}
 	return true
 }
 
+// roomLocked says whether one more message may wait: what is queued, what
+// the writer has taken and a frame begun count. The caller holds s.mu.
+func (s *subscriber) roomLocked() bool {
+	n := len(s.queue) + s.writing
+	if s.rest != nil {
+		n++
+	}
+	return n < s.hub.cfg.sendQueue
+}
+
+// What offer did with a message.
+const (
+	claimed  = iota // the publisher writes it (writeClaimed)
+	enqueued        // the writer will
+	full            // neither: the subscriber is too far behind
+)
+
+// offer is where a publisher, holding ch.mu, either claims the subscriber
+// to write m itself or queues m. It claims only a WebSocket over TCP with
+// nothing queued, no frame half written and no write under way, that is
+// not closing: then m is next on the wire whoever writes it, and nothing
+// else writes until writeClaimed ends the claim. This is the one place
+// that rule lives; the writer takes nothing while a claim holds (busy).
+func (s *subscriber) offer(m *message) int {
+	s.mu.Lock()
+	if s.out != nil && !s.busy && len(s.queue) == 0 && s.rest == nil && !s.broken && s.bye.code == 0 {
+		s.busy = true
+		s.mu.Unlock()
+		return claimed
+	}
+	if !s.roomLocked() {
+		s.mu.Unlock()
+		return full
+	}
+	s.queue = append(s.queue, m)
+	start := s.wakeLocked()
+	s.mu.Unlock()
+	if start {
+		go s.writeLoop()
+	}
+	return enqueued
+}
+
+// writeClaimed makes one write of m's frame that does not wait, then ends
+// the claim. What the kernel did not take is left for the writer, ahead of
+// anything queued since; it wakes the writer when that or anything else
+// waits. It says whether the whole frame went.
+func (s *subscriber) writeClaimed(m *message) bool {
+	n, err := s.out.now.write(s.out.raw, m.frame)
+	s.mu.Lock()
+	s.busy = false
+	switch {
+	case err != nil:
+		s.broken = true
+	case n < len(m.frame):
+		s.rest = m.frame[n:]
+	}
+	start := s.wakeLocked()
+	s.mu.Unlock()
+	if start {
+		go s.writeLoop()
+	}
+	if err != nil {
+		s.log().Debug("write failed", "err", err)
+		s.hub.stats.droppedGone.Add(1)
+		s.stop(farewell{closeGoingAway, "write failed", false})
+		return false
+	}
+	return n == len(m.frame)
+}
+
+// wakeLocked says whether a writer goroutine is to start, and marks it
+// started: when there is something to write, none runs, no publisher
+// writes (its writeClaimed wakes one after) and serving has begun. The
+// caller holds s.mu and starts writeLoop when told to.
+func (s *subscriber) wakeLocked() bool {
+	if s.writer || s.busy || s.peer == nil || !s.hasWorkLocked() {
+		return false
+	}
+	s.writer = true
+	return true
+}
+
+func (s *subscriber) hasWorkLocked() bool {
+	return s.bye.code != 0 || s.pingDue || s.pong != nil || s.rest != nil || len(s.queue) > 0
+}
+
+// signal starts a writer if there is something to write and none runs.
 func (s *subscriber) signal() {
-	select {
-	case s.wake <- struct{}{}:
-	default:
+	s.mu.Lock()
+	start := s.wakeLocked()
+	s.mu.Unlock()
+	if start {
+		go s.writeLoop()
 	}
 }
 
@@ -3549,7 +3808,7 @@ func (s *subscriber) signal() {
 // x/net/websocket reads the frames; in is the buffered reader it reads
 // them from, where the reader peeks at the one bit x/net clears.
 func (s *subscriber) readLoop(ws *websocket.Conn, in *bufio.Reader) farewell {
-	lost := farewell{closeGoingAway, "connection lost", false, true}
+	lost := farewell{closeGoingAway, "connection lost", false}
 	var msg []byte
 	var msgType byte
 	inMessage, failed := false, false
@@ -3557,7 +3816,7 @@ func (s *subscriber) readLoop(ws *websocket.Conn, in *bufio.Reader) farewell {
 		s.extendReadDeadline()
 		h, fr, err := nextFrame(ws, in)
 		if isTimeout(err) {
-			return farewell{closeGoingAway, "ping timeout", false, false}
+			return farewell{closeGoingAway, "ping timeout", false}
 		} else if err != nil {
 			return lost
 		}
@@ -3572,7 +3831,7 @@ func (s *subscriber) readLoop(ws *websocket.Conn, in *bufio.Reader) farewell {
 			if err != nil {
 				return lost
 			}
-			return farewell{peerCloseCode(payload), "closed by peer", false, false}
+			return farewell{peerCloseCode(payload), "closed by peer", false}
 		}
 		if failed {
 			if h.length < 0 {
@@ -3581,7 +3840,7 @@ func (s *subscriber) readLoop(ws *websocket.Conn, in *bufio.Reader) farewell {
 				// close grace ends, as closing with unread bytes would
 				// reset the connection and lose our close frame.
 				if _, err := io.Copy(io.Discard, in); err != nil && !isTimeout(err) {
-					s.log.Debug("discard after a bad frame", "err", err)
+					s.log().Debug("discard after a bad frame", "err", err)
 				}
 				return lost
 			}
@@ -3615,7 +3874,7 @@ func (s *subscriber) readLoop(ws *websocket.Conn, in *bufio.Reader) farewell {
 		inMessage = false
 		if msgType == websocket.TextFrame && !utf8.Valid(msg) {
 			failed = true
-			s.stop(farewell{closeInvalidData, "text frame is not UTF-8", false, false})
+			s.stop(farewell{closeInvalidData, "text frame is not UTF-8", false})
 			continue
 		}
 		s.forward(msg, msgType == websocket.BinaryFrame)
@@ -3632,7 +3891,7 @@ func (s *subscriber) extendReadDeadline() {
 		return
 	}
 	if err := s.peer.setReadDeadline(time.Now().Add(2 * s.hub.cfg.pingInterval)); err != nil {
-		s.log.Debug("set read deadline", "err", err)
+		s.log().Debug("set read deadline", "err", err)
 	}
 }
 
@@ -3710,23 +3969,23 @@ func (h frameHeader) problem(inMessage bool, msgBytes, limit int64) (farewell, b
 	control := h.opcode >= websocket.CloseFrame
 	switch {
 	case !h.masked || h.rsv:
-		return farewell{closeProtocolError, "client frames must be masked and use no extensions", false, false}, true
+		return farewell{closeProtocolError, "client frames must be masked and use no extensions", false}, true
 	case h.length < 0:
-		return farewell{closeProtocolError, "the top bit of a frame length must be 0", false, false}, true
+		return farewell{closeProtocolError, "the top bit of a frame length must be 0", false}, true
 	case control && (!h.fin || h.length > 125):
-		return farewell{closeProtocolError, "bad control frame", false, false}, true
+		return farewell{closeProtocolError, "bad control frame", false}, true
 	case control && h.opcode > websocket.PongFrame:
-		return farewell{closeProtocolError, "unknown opcode", false, false}, true
+		return farewell{closeProtocolError, "unknown opcode", false}, true
 	case control:
 		return farewell{}, false
 	case h.opcode == websocket.ContinuationFrame && !inMessage:
-		return farewell{closeProtocolError, "continuation without a message", false, false}, true
+		return farewell{closeProtocolError, "continuation without a message", false}, true
 	case (h.opcode == websocket.TextFrame || h.opcode == websocket.BinaryFrame) && inMessage:
-		return farewell{closeProtocolError, "new message before the last one ended", false, false}, true
+		return farewell{closeProtocolError, "new message before the last one ended", false}, true
 	case h.opcode > websocket.BinaryFrame:
-		return farewell{closeProtocolError, "unknown opcode", false, false}, true
+		return farewell{closeProtocolError, "unknown opcode", false}, true
 	case h.length > limit-msgBytes:
-		return farewell{closeTooBig, "message too big", false, false}, true
+		return farewell{closeTooBig, "message too big", false}, true
 	}
 	return farewell{}, false
 }
@@ -3756,63 +4015,88 @@ func isTimeout(err error) bool {
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
-// writeLoop is the only writer to the peer: queued messages, pongs, pings
-// (SSE: heartbeats) every interval, and the goodbye at the end. Everything
-// it is to do arrives through one channel, wake, and is read under one lock:
-// cheaper per message than a select over several channels.
+// writeLoop is the writer: it runs while there is something to write
+// that no publisher writes (queued messages, the rest of a frame a
+// publisher began, pongs, pings or SSE heartbeats, the goodbye), one at a
+// time (wakeLocked), and ends when nothing is left, so that an idle
+// subscriber has no goroutine for writing. After the goodbye none starts
+// again.
 func (s *subscriber) writeLoop() {
-	defer close(s.done)
-	interval := s.hub.cfg.pingInterval
-	if s.transport == "sse" {
-		// A comment line often enough that proxies (nginx: 60 s) keep an
-		// idle stream open.
-		interval = min(interval, sseHeartbeat)
-	}
-	pinger := time.AfterFunc(interval, func() {
-		s.mu.Lock()
-		s.pingDue = true
-		s.mu.Unlock()
-		s.signal()
-	})
-	defer pinger.Stop()
 	var batch []*message
-	for range s.wake {
+	for {
 		s.mu.Lock()
-		bye, ping, pong := s.bye, s.pingDue, s.pong
+		if s.busy || !s.hasWorkLocked() { // busy: a publisher writes, and wakes a writer after
+			s.writer = false
+			if s.queue == nil {
+				s.queue = batch[:0] // for the next messages queued, instead of a new slice
+			}
+			s.mu.Unlock()
+			return
+		}
+		bye, ping, pong, rest := s.bye, s.pingDue, s.pong, s.rest
 		batch, s.queue = s.queue, batch[:0]
+		s.writing = len(batch)
+		if rest != nil {
+			s.writing++
+		}
+		s.busy, s.rest = true, nil
 		s.pingDue, s.pong = false, nil
 		s.mu.Unlock()
 		if bye.code != 0 {
-			s.finish(bye, batch)
+			s.pinger.Stop()
+			s.finish(bye, batch, rest) // busy and writer stay: nobody writes after the goodbye
+			close(s.done)
 			return
 		}
 		if ping {
-			pinger.Reset(interval)
+			s.pinger.Reset(s.pingInterval())
 		}
-		if err := s.write(batch, pong, ping, writeWait); err != nil {
-			s.log.Debug("write failed", "err", err)
-			s.stop(farewell{closeGoingAway, "write failed", false, true})
+		err := s.write(batch, rest, pong, ping)
+		s.mu.Lock()
+		s.writing, s.busy = 0, false
+		s.mu.Unlock()
+		if err != nil {
+			s.log().Debug("write failed", "err", err)
+			s.stop(farewell{closeGoingAway, "write failed", false})
 		}
 		clear(batch)
 	}
 }
 
-// write sends a ping, a pong and the queued messages, within wait. A
-// failed write marks the stream broken: nothing more is written to it.
-func (s *subscriber) write(batch []*message, pong []byte, ping bool, wait time.Duration) (err error) {
-	if len(batch) == 0 && pong == nil && !ping {
+// write sends the rest of a frame a publisher began, a ping, a pong and
+// the messages of batch, each write within writeWait (or by closeBy, once
+// stopping). Once stopping it starts no message after sendUntil; what it
+// leaves out is counted as dropped. A failed write marks the stream
+// broken: nothing more is written to it.
+func (s *subscriber) write(batch []*message, rest, pong []byte, ping bool) (err error) {
+	if len(batch) == 0 && rest == nil && pong == nil && !ping {
 		return nil
+	}
+	total, sent := len(batch), 0
+	if rest != nil {
+		total++ // the message it ends
 	}
 	defer func() {
 		if err != nil {
 			s.mu.Lock()
 			s.broken = true
 			s.mu.Unlock()
-			s.hub.stats.droppedGone.Add(int64(len(batch)))
+			sent = 0 // the last of them may be cut, and nothing tells how many the peer has
 		}
+		s.countDropped(total - sent)
 	}()
-	if err := s.armWrite(wait); err != nil {
-		return err
+	if rest != nil {
+		s.out.gather()
+		if _, err := s.out.Write(rest); err != nil {
+			s.out.end(false)
+			return err
+		}
+		sent++
+	}
+	if s.transport == "sse" { // a WebSocket's frameBatch arms only before a write that would block
+		if err := s.armWrite(writeWait); err != nil {
+			return err
+		}
 	}
 	if ping {
 		if err := s.peer.ping(); err != nil {
@@ -3825,58 +4109,108 @@ func (s *subscriber) write(batch []*message, pong []byte, ping bool, wait time.D
 		}
 	}
 	for _, m := range batch {
+		if s.stopping.Load() && s.pastSendUntil() {
+			break
+		}
 		if err := s.peer.send(m); err != nil {
 			return err
 		}
+		sent++
 	}
 	if err := s.peer.flush(); err != nil {
 		return err
 	}
-	s.hub.stats.delivered.Add(int64(len(batch)))
+	s.hub.stats.delivered.Add(int64(sent))
 	return nil
+}
+
+func (s *subscriber) pastSendUntil() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return !time.Now().Before(s.sendUntil)
+}
+
+// countDropped counts n messages that were queued and not sent: too slow,
+// or gone.
+func (s *subscriber) countDropped(n int) {
+	if n == 0 {
+		return
+	}
+	s.mu.Lock()
+	slow := s.bye.code == closePolicyViolation
+	s.mu.Unlock()
+	if slow {
+		s.hub.stats.droppedSlow.Add(int64(n))
+	} else {
+		s.hub.stats.droppedGone.Add(int64(n))
+	}
 }
 
 // finish says goodbye: what is still queued when the close is orderly, then
 // the close frame (SSE: a close event); then it lets a WebSocket's reader
 // wait briefly for the peer's close frame.
-func (s *subscriber) finish(bye farewell, batch []*message) {
+// finish says goodbye: the end of a frame a publisher began, what is
+// still queued when the close is orderly (as much as starts before
+// sendUntil), then the close frame (SSE: a close
+// event); then it lets a WebSocket's reader wait briefly for the peer's
+// close frame, or not at all when the stream is broken: nothing can follow
+// half a frame.
+func (s *subscriber) finish(bye farewell, batch []*message, rest []byte) {
 	s.mu.Lock()
 	batch = append(batch, s.queue...) // stop has taken s out of the channel: nothing more comes
 	s.queue = nil
 	s.mu.Unlock()
-	switch {
-	case bye.code == closePolicyViolation:
-		s.hub.stats.droppedSlow.Add(int64(len(batch)))
-	case !bye.drain:
-		s.hub.stats.droppedGone.Add(int64(len(batch)))
-	default:
-		if err := s.write(batch, nil, false, drainWait); err != nil {
-			s.log.Debug("final flush", "err", err)
-		}
+	if !bye.drain {
+		s.countDropped(len(batch))
+		batch = nil // only the frame under way ends
+	}
+	if err := s.write(batch, rest, nil, false); err != nil {
+		s.log().Debug("final flush", "err", err)
 	}
 	err := s.armWrite(closeGrace)
 	if err == nil {
 		err = s.peer.goodbye(bye)
 	}
 	if err != nil {
-		s.log.Debug("write goodbye", "err", err)
+		s.log().Debug("write goodbye", "err", err)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err := s.peer.setReadDeadline(time.Now().Add(closeGrace)); err != nil {
-		s.log.Debug("set read deadline", "err", err)
+	end := time.Now()
+	if !s.broken {
+		end = end.Add(closeGrace)
+	}
+	if err := s.peer.setReadDeadline(end); err != nil {
+		s.log().Debug("set read deadline", "err", err)
 	}
 }
 
-// armWrite sets the write deadline, unless a write has failed: then the
-// stream may end in half a frame, and nothing more may follow it.
+// disarmWrite clears the write deadline after a write that had to wait,
+// so that the next write need not set one unless it waits too; once
+// closing, closeBy stands.
+func (s *subscriber) disarmWrite() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.closeBy.IsZero() {
+		return nil
+	}
+	return s.peer.setWriteDeadline(time.Time{})
+}
+
+// armWrite sets the write deadline, wait from now but never past closeBy,
+// unless a write has failed: then the stream may end in half a frame, and
+// nothing more may follow it.
 func (s *subscriber) armWrite(wait time.Duration) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.broken {
 		return errors.New("an earlier write failed")
 	}
-	if err := s.peer.setWriteDeadline(time.Now().Add(wait)); err != nil {
+	deadline := time.Now().Add(wait)
+	if !s.closeBy.IsZero() && s.closeBy.Before(deadline) {
+		deadline = s.closeBy
+	}
+	if err := s.peer.setWriteDeadline(deadline); err != nil {
 		return fmt.Errorf("set write deadline: %w", err)
 	}
 	return nil
@@ -3894,9 +4228,9 @@ type peer interface {
 	setReadDeadline(t time.Time) error
 }
 
-// wsPeer writes frames through x/net/websocket. x/net flushes after every
-// frame; its writer flushes into out, which gathers the messages of one
-// flush of the queue into one write to the socket.
+// wsPeer writes to a WebSocket subscriber: each message as the frame
+// built once for it (newMessage), control frames through x/net/websocket,
+// whose buffered writer flushes into out.
 type wsPeer struct {
 	ws  *websocket.Conn
 	out *frameBatch
@@ -3904,11 +4238,7 @@ type wsPeer struct {
 
 func (p wsPeer) send(m *message) error {
 	p.out.gather()
-	opcode := byte(websocket.TextFrame)
-	if m.binary {
-		opcode = websocket.BinaryFrame
-	}
-	if err := p.frame(opcode, m.data); err != nil {
+	if _, err := p.out.Write(m.frame); err != nil {
 		p.out.end(false)
 		return err
 	}
@@ -3922,33 +4252,49 @@ func (p wsPeer) pong(payload []byte) error { return p.frame(websocket.PongFrame,
 func (p wsPeer) goodbye(bye farewell) error {
 	payload := make([]byte, 2, 2+len(bye.reason))
 	payload[0], payload[1] = byte(bye.code>>8), byte(bye.code)
-	return p.frame(websocket.CloseFrame, append(payload, bye.reason...))
+	if err := p.frame(websocket.CloseFrame, append(payload, bye.reason...)); err != nil {
+		return err
+	}
+	return p.out.end(true)
 }
 
 func (p wsPeer) setWriteDeadline(t time.Time) error { return p.ws.SetWriteDeadline(t) }
 func (p wsPeer) setReadDeadline(t time.Time) error  { return p.ws.SetReadDeadline(t) }
 
+// frame gathers a control frame, written by x/net/websocket.
 func (p wsPeer) frame(opcode byte, payload []byte) error {
+	p.out.gather()
 	w, err := p.ws.NewFrameWriter(opcode)
 	if err != nil {
+		p.out.end(false)
 		return fmt.Errorf("new frame: %w", err)
 	}
 	if _, err := w.Write(payload); err != nil {
+		p.out.end(false)
 		return fmt.Errorf("write frame: %w", err)
 	}
-	return w.Close()
+	if err := w.Close(); err != nil {
+		p.out.end(false)
+		return fmt.Errorf("write frame: %w", err)
+	}
+	return nil
 }
 
-// frameBatch is where x/net/websocket's buffered writer flushes. Outside a
-// batch it writes straight to the connection, under the deadline the writer
-// armed; between gather and end it collects the frames in a buffer lent by
-// the hub, so that an idle subscriber holds none, and writes them at once,
-// arming the deadline before each write to the socket.
+// frameBatch is a WebSocket subscriber's way out. Between gather and end
+// it collects frames in a buffer lent by the hub, so that an idle
+// subscriber holds none, and writes them at once (outside a batch, only
+// x/net's answer to the handshake passes, straight through). A write to a
+// TCP socket first tries without waiting: only when the kernel cannot
+// take it all does the rest wait, under a write deadline armed then, and
+// only then.
 type frameBatch struct {
-	conn net.Conn
-	pool *sync.Pool
-	arm  func() error // sets the write deadline, or says the peer is abandoned
-	buf  *[]byte      // lent between gather and end
+	conn   net.Conn
+	raw    syscall.RawConn // of conn when it is TCP; nil for TLS, where every write is armed
+	pool   *sync.Pool
+	arm    func() error // sets the write deadline, or says the peer is abandoned
+	disarm func() error // clears it after a write that waited
+	buf    *[]byte      // lent between gather and end
+	now    nowWriter
 }
 
 func (b *frameBatch) Write(p []byte) (int, error) {
@@ -3959,10 +4305,10 @@ func (b *frameBatch) Write(p []byte) (int, error) {
 		if err := b.send(); err != nil {
 			return 0, err
 		}
-		if err := b.arm(); err != nil {
+		if err := b.write(p); err != nil {
 			return 0, err
 		}
-		return b.conn.Write(p)
+		return len(p), nil
 	}
 	*b.buf = append(*b.buf, p...)
 	if len(*b.buf) >= batchBytes {
@@ -3984,12 +4330,33 @@ func (b *frameBatch) send() error {
 	if len(*b.buf) == 0 {
 		return nil
 	}
+	err := b.write(*b.buf)
+	*b.buf = (*b.buf)[:0]
+	return err
+}
+
+// write writes p: at once when the kernel takes it all, else the rest
+// under the write deadline.
+func (b *frameBatch) write(p []byte) error {
+	if b.raw != nil {
+		n, err := b.now.write(b.raw, p)
+		if err != nil {
+			return err
+		}
+		if p = p[n:]; len(p) == 0 {
+			return nil
+		}
+	}
 	if err := b.arm(); err != nil {
 		return err
 	}
-	_, err := b.conn.Write(*b.buf)
-	*b.buf = (*b.buf)[:0]
-	return err
+	if _, err := b.conn.Write(p); err != nil {
+		return err
+	}
+	if b.raw != nil {
+		return b.disarm()
+	}
+	return nil
 }
 
 // end writes what was gathered, or drops it, and gives the buffer back.
@@ -4007,6 +4374,39 @@ func (b *frameBatch) end(write bool) error {
 	}
 	b.buf = nil
 	return err
+}
+
+// nowWriter makes writes to a socket that do not wait. Its callback is
+// made once and reads its fields, so that a write allocates nothing.
+type nowWriter struct {
+	p    []byte
+	n    int
+	err  error
+	call func(fd uintptr) bool
+}
+
+// write makes one write that does not wait, and says how much of p the
+// kernel took (none when its buffer is full).
+func (w *nowWriter) write(raw syscall.RawConn, p []byte) (int, error) {
+	if w.call == nil {
+		w.call = func(fd uintptr) bool {
+			w.n, w.err = syscall.Write(int(fd), w.p)
+			return true // once: what the kernel does not take waits elsewhere
+		}
+	}
+	w.p = p
+	err := raw.Write(w.call)
+	n, werr := max(w.n, 0), w.err
+	w.p, w.err = nil, nil
+	switch {
+	case err != nil:
+		return 0, err
+	case werr == syscall.EAGAIN || werr == syscall.EINTR:
+		return 0, nil
+	case werr != nil:
+		return 0, fmt.Errorf("write: %w", werr)
+	}
+	return n, nil
 }
 
 // ssePeer writes Server-Sent Events. Each message is an event with its id,
@@ -4153,7 +4553,7 @@ func (s *subscriber) presence(event string, listeners int, bye *farewell, target
 	}
 	body, err := json.Marshal(e)
 	if err != nil {
-		s.log.Error("encode presence event", "err", err)
+		s.log().Error("encode presence event", "err", err)
 		return
 	}
 	s.push(target, "application/json", event, body)
@@ -4166,7 +4566,7 @@ func (s *subscriber) presence(event string, listeners int, bye *farewell, target
 func (s *subscriber) push(target, contentType, event string, body []byte) {
 	if target == "" {
 		s.hub.stats.hookNoHook.Add(1)
-		s.log.Debug("message dropped: channel has no hook", "bytes", len(body))
+		s.log().Debug("message dropped: channel has no hook", "bytes", len(body))
 		return
 	}
 	host := target
@@ -4177,7 +4577,7 @@ func (s *subscriber) push(target, contentType, event string, body []byte) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if s.hookPending == nil {
-		s.hookPending = &hookQueue{log: s.log}
+		s.hookPending = &hookQueue{log: s.log()}
 	}
 	q := s.hookPending
 	switch {
@@ -4559,6 +4959,11 @@ func writeBody(w http.ResponseWriter, status int, body []byte) {
 // readBody reads a request body of at most limit bytes, answering 413 or 400
 // itself when it cannot.
 func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool) {
+	return readBodyAfter(w, r, limit, 0)
+}
+
+// readBodyAfter is readBody with headroom bytes left free before the body.
+func readBodyAfter(w http.ResponseWriter, r *http.Request, limit int64, headroom int) ([]byte, bool) {
 	tooBig := func() ([]byte, bool) {
 		reply(w, http.StatusRequestEntityTooLarge, "ERR", fmt.Sprintf("body is larger than %d bytes", limit))
 		return nil, false
@@ -4567,9 +4972,8 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool
 		return tooBig()
 	}
 	var buf bytes.Buffer
-	if r.ContentLength > 0 {
-		buf.Grow(int(r.ContentLength))
-	}
+	buf.Grow(headroom + int(max(r.ContentLength, 0)))
+	buf.Write(make([]byte, headroom))
 	_, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, limit))
 	var maxBytes *http.MaxBytesError
 	switch {
@@ -4662,18 +5066,18 @@ func (h *hub) handleEdit(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *hub) handlePublish(w http.ResponseWriter, r *http.Request) {
-	body, ok := readBody(w, r, h.cfg.maxMessageBytes)
+	buf, ok := readBodyAfter(w, r, h.cfg.maxMessageBytes, frameHeadroom)
 	if !ok {
 		return
 	}
 	mediaType, _, _ := strings.Cut(r.Header.Get("Content-Type"), ";")
-	binary := strings.EqualFold(strings.TrimSpace(mediaType), "application/octet-stream")
-	if !binary && !utf8.Valid(body) {
+	isBinary := strings.EqualFold(strings.TrimSpace(mediaType), "application/octet-stream")
+	if !isBinary && !utf8.Valid(buf[frameHeadroom:]) {
 		// A browser drops a WebSocket that sends it text that is not UTF-8.
 		reply(w, http.StatusBadRequest, "ERR", "body is not UTF-8 text: publish binary data with Content-Type: application/octet-stream")
 		return
 	}
-	n, queued, err := h.engine.publish(r.Context(), r.PathValue("publisher_token"), &message{data: body, binary: binary, at: time.Now()})
+	n, queued, err := h.engine.publish(r.Context(), r.PathValue("publisher_token"), newMessage(buf, isBinary, time.Now()))
 	if failed(w, err, "publisher") {
 		return
 	}
@@ -4800,7 +5204,7 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 	}
 	s := h.newSubscriber(ch, "websocket")
 	conn := &keptConn{}
-	out := &frameBatch{pool: &h.batches, arm: func() error { return s.armWrite(writeWait) }}
+	out := &frameBatch{pool: &h.batches, arm: func() error { return s.armWrite(writeWait) }, disarm: s.disarmWrite}
 	joined := false
 	websocket.Server{
 		Handshake: func(cfg *websocket.Config, req *http.Request) error {
@@ -4848,6 +5252,12 @@ func (t takeover) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	t.conn.Conn, t.out.conn = conn, conn
+	if tcp, ok := conn.(*net.TCPConn); ok {
+		if t.out.raw, err = tcp.SyscallConn(); err != nil {
+			conn.Close()
+			return nil, nil, fmt.Errorf("raw connection: %w", err)
+		}
+	}
 	t.conn.in = buf.Reader
 	if t.conn.in.Buffered() == 0 {
 		t.conn.in = bufio.NewReaderSize(conn, wsBufferSize)
@@ -4891,12 +5301,12 @@ func (h *hub) subscribeSSE(w http.ResponseWriter, r *http.Request, ch *channel) 
 	// A WebSocket's reader sees its client go; an event stream learns it
 	// from the request's context.
 	defer context.AfterFunc(r.Context(), func() {
-		s.stop(farewell{closeGoingAway, "connection lost", false, true})
+		s.stop(farewell{closeGoingAway, "connection lost", false})
 	})()
 	setSSEHeaders(w, r)
 	w.WriteHeader(http.StatusOK)
 	if err := rc.Flush(); err != nil {
-		s.stop(farewell{closeGoingAway, "connection lost", false, true})
+		s.stop(farewell{closeGoingAway, "connection lost", false})
 	}
 	s.serveSSE(&ssePeer{w: w, rc: rc})
 }
@@ -5080,7 +5490,12 @@ func listen(cfg config, srv *http.Server) (net.Listener, error) {
 			return nil, fmt.Errorf("load TLS certificate: %w", err)
 		}
 	}
-	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.bind, strconv.Itoa(cfg.port)))
+	// No TCP keepalive: WebSocket subscribers are pinged and SSE streams
+	// send heartbeats, which find a vanished peer sooner, and admin
+	// connections end after -idle-timeout. It would cost four system calls
+	// per connection and find nothing.
+	lc := net.ListenConfig{KeepAlive: -1}
+	ln, err := lc.Listen(context.Background(), "tcp", net.JoinHostPort(cfg.bind, strconv.Itoa(cfg.port)))
 	if err != nil {
 		return nil, fmt.Errorf("listen: %w", err)
 	}
@@ -5098,7 +5513,6 @@ func listen(cfg config, srv *http.Server) (net.Listener, error) {
 func newServer(cfg config, h *hub, log *slog.Logger) *http.Server {
 	return &http.Server{
 		Handler:           h,
-		ConnContext:       h.requests.connContext,
 		ConnState:         h.requests.connState,
 		ReadHeaderTimeout: cfg.readHeaderTimeout,
 		ReadTimeout:       cfg.readTimeout,
@@ -5106,7 +5520,24 @@ func newServer(cfg config, h *hub, log *slog.Logger) *http.Server {
 		IdleTimeout:       cfg.idleTimeout,
 		MaxHeaderBytes:    cfg.maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn), // "too many open files" matters
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if err := limitSendBuffer(c); err != nil {
+				log.Debug("set send buffer", "err", err)
+			}
+			return h.requests.connContext(ctx, c)
+		},
 	}
+}
+
+// limitSendBuffer sets a TCP connection's send buffer to sendBufferBytes.
+func limitSendBuffer(c net.Conn) error {
+	if tc, ok := c.(interface{ NetConn() net.Conn }); ok { // TLS
+		c = tc.NetConn()
+	}
+	if tcp, ok := c.(*net.TCPConn); ok {
+		return tcp.SetWriteBuffer(sendBufferBytes)
+	}
+	return nil
 }
 
 // shutdown closes every subscriber with 1001, lets in-flight requests and

@@ -33,6 +33,7 @@ import (
 	"regexp"
 	"runtime"
 	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -3790,6 +3791,13 @@ func (discardPeer) goodbye(farewell) error             { return nil }
 func (discardPeer) setWriteDeadline(t time.Time) error { return nil }
 func (discardPeer) setReadDeadline(t time.Time) error  { return nil }
 
+// textMessage is a message as handlePublish makes it.
+func textMessage(data []byte) *message {
+	buf := make([]byte, frameHeadroom+len(data))
+	copy(buf[frameHeadroom:], data)
+	return newMessage(buf, false, time.Now())
+}
+
 // BenchmarkPublish is the hub's side of a publish to 0, 1, 100 and 1,000
 // subscribers whose writers run for real but write nowhere: one message is
 // allocated per publish and shared, so allocs/op stays flat as subscribers
@@ -3804,14 +3812,13 @@ func BenchmarkPublish(b *testing.B) {
 			for range n {
 				s := h.newSubscriber(ch, "websocket")
 				h.join(ch, s, false, 0)
-				s.begin(discardPeer{})
-				go s.writeLoop()
+				s.begin(discardPeer{}, nil)
 			}
-			data := []byte(strings.Repeat("x", 64))
+			body := make([]byte, frameHeadroom+64) // as readBodyAfter reads it
 			b.ReportAllocs()
 			b.ResetTimer()
 			for range b.N {
-				h.publish(ch, &message{data: data})
+				h.publish(ch, newMessage(body, false, time.Now()))
 			}
 			for h.stats.delivered.Load() < int64(n*b.N) {
 				runtime.Gosched()
@@ -3822,29 +3829,68 @@ func BenchmarkPublish(b *testing.B) {
 	}
 }
 
-// BenchmarkWebSocketFrame is what x/net/websocket costs per frame the
-// daemon writes (the reader is a raw socket that allocates nothing): its
-// frame writer allocates for every frame and flushes each one on its own
-// (to the socket here; in the daemon, into the subscriber's frameBatch).
+// BenchmarkWebSocketFrame is what one 64-byte message costs to write to a
+// socket (read by a raw reader that allocates nothing), one write each:
+// through x/net/websocket's frame writer, which allocates and builds the
+// frame for every write, and as the daemon does, the frame built once per
+// message (newMessage) and written by a subscriber's frameBatch.
 func BenchmarkWebSocketFrame(b *testing.B) {
-	server := make(chan *websocket.Conn, 1)
-	done := make(chan struct{})
-	srv := httptest.NewServer(websocket.Server{Handler: func(ws *websocket.Conn) {
-		server <- ws
-		<-done
-	}})
-	b.Cleanup(func() { close(done); srv.Close() })
-	c, _ := dialWS(b, "ws"+strings.TrimPrefix(srv.URL, "http"), nil)
-	go io.Copy(io.Discard, c.br)
-	p := wsPeer{ws: <-server}
 	data := []byte(strings.Repeat("x", 64))
-	b.ReportAllocs()
-	b.ResetTimer()
-	for range b.N {
-		if err := p.frame(websocket.TextFrame, data); err != nil {
+	b.Run("x/net", func(b *testing.B) {
+		server := make(chan *websocket.Conn, 1)
+		done := make(chan struct{})
+		srv := httptest.NewServer(websocket.Server{Handler: func(ws *websocket.Conn) {
+			server <- ws
+			<-done
+		}})
+		b.Cleanup(func() { close(done); srv.Close() })
+		c, _ := dialWS(b, "ws"+strings.TrimPrefix(srv.URL, "http"), nil)
+		go io.Copy(io.Discard, c.br)
+		ws := <-server
+		b.ReportAllocs()
+		b.ResetTimer()
+		for range b.N {
+			w, err := ws.NewFrameWriter(websocket.TextFrame)
+			if err == nil {
+				_, err = w.Write(data)
+			}
+			if err != nil || w.Close() != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("encoded-once", func(b *testing.B) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
 			b.Fatal(err)
 		}
-	}
+		defer ln.Close()
+		go func() {
+			if c, err := ln.Accept(); err == nil {
+				io.Copy(io.Discard, c)
+			}
+		}()
+		conn, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer conn.Close()
+		raw, _ := conn.(*net.TCPConn).SyscallConn()
+		pool := &sync.Pool{New: func() any { return new([]byte) }}
+		noDeadline := func() error { return nil }
+		out := &frameBatch{conn: conn, raw: raw, pool: pool, arm: noDeadline, disarm: noDeadline}
+		m := textMessage(data)
+		b.ReportAllocs()
+		b.ResetTimer()
+		for range b.N {
+			if err := (wsPeer{out: out}).send(m); err != nil {
+				b.Fatal(err)
+			}
+			if err := out.end(true); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }
 
 // BenchmarkPrepare is POST /channel/prepare through the router, the admin
@@ -3955,7 +4001,7 @@ func TestSlowSubscriberIsCountedOnceUnderConcurrentPublishes(t *testing.T) {
 	d.hub.join(c, stuck, false, 0)
 	var wg sync.WaitGroup
 	for range 16 {
-		wg.Go(func() { d.hub.publish(c, &message{data: []byte("m")}) })
+		wg.Go(func() { d.hub.publish(c, textMessage([]byte("m"))) })
 	}
 	wg.Wait()
 	if n := d.hub.stats.slowDisconnects.Load(); n != 1 {
@@ -4088,6 +4134,350 @@ func TestStateFileIsLocked(t *testing.T) {
 	}
 	if channels, err := savedChannels(state); err != nil || len(channels) != 2 {
 		t.Errorf("state after: %+v, %v", channels, err)
+	}
+}
+
+// ---- Closing on time, whatever the subscriber reads ----
+
+// slowReadRate is how fast a slow subscriber in these tests reads, in bytes
+// per second: a phone on a poor network, far slower than the daemon writes.
+const slowReadRate = 2 << 20
+
+// throttledConn reads at most rate bytes per second.
+type throttledConn struct {
+	net.Conn
+	rate int
+}
+
+func (c throttledConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p[:min(len(p), c.rate/100)])
+	time.Sleep(time.Duration(n) * time.Second / time.Duration(c.rate))
+	return n, err
+}
+
+// dialSlow subscribes with a client that reads, but at slowReadRate.
+func (d *daemon) dialSlow(subscriberToken string) *wsClient {
+	d.t.Helper()
+	u, err := url.Parse(d.wsURL(subscriberToken))
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	conn, err := net.Dial("tcp", u.Host)
+	if err != nil {
+		d.t.Fatalf("dial %s: %v", u.Host, err)
+	}
+	d.t.Cleanup(func() { conn.Close() })
+	c, resp := handshake(d.t, throttledConn{conn, slowReadRate}, u, nil)
+	if c == nil {
+		d.t.Fatalf("subscribe: status %s", resp.Status)
+	}
+	return c
+}
+
+// readUntilClose reads numbered messages ("N:" and size bytes after it), in
+// order from 0 and each whole, until a close frame with code; it answers the
+// close and expects the end of the connection. It returns when each
+// message and the close frame arrived.
+func (c *wsClient) readUntilClose(code, size int) (arrived []time.Time, closed time.Time) {
+	c.t.Helper()
+	for {
+		op, p := c.next()
+		if op == websocket.CloseFrame {
+			closed = time.Now()
+			if len(p) < 2 || int(binary.BigEndian.Uint16(p)) != code {
+				c.t.Fatalf("after %d messages: close frame %q, want code %d", len(arrived), p, code)
+			}
+			c.send(true, websocket.CloseFrame, p[:2])
+			if _, err := c.br.ReadByte(); !errors.Is(err, io.EOF) {
+				c.t.Fatalf("after the close frame: %v, want EOF", err)
+			}
+			return arrived, closed
+		}
+		prefix := strconv.Itoa(len(arrived)) + ":"
+		if op != websocket.TextFrame || !strings.HasPrefix(string(p), prefix) || len(p) != len(prefix)+size {
+			c.t.Fatalf("got frame %d of %d bytes %.12q, want message %s of %d bytes", op, len(p), p, prefix, len(prefix)+size)
+		}
+		arrived = append(arrived, time.Now())
+	}
+}
+
+// tryPublish publishes from any goroutine: it returns what went wrong
+// instead of failing the test.
+func (d *daemon) tryPublish(token, body string) (publishAnswer, error) {
+	var r publishAnswer
+	req, err := http.NewRequest("POST", d.url+"/channel/publish/"+token, strings.NewReader(body))
+	if err != nil {
+		return r, err
+	}
+	req.Host = "localhost"
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return r, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return r, fmt.Errorf("publish: %s", resp.Status)
+	}
+	return r, json.NewDecoder(resp.Body).Decode(&r)
+}
+
+// fillSlowReader publishes n numbered messages of size bytes after their
+// number: far more than a slow reader takes in drainWait, fewer than its
+// send queue holds.
+func (d *daemon) fillSlowReader(token string, n, size int) {
+	d.t.Helper()
+	pad := strings.Repeat("x", size)
+	for i := range n {
+		if r := d.publish(token, strconv.Itoa(i)+":"+pad); r.Subscribers != 1 {
+			d.t.Fatalf("message %d handed to %d subscribers", i, r.Subscribers)
+		}
+	}
+}
+
+func TestDeleteClosesASlowReaderOnTime(t *testing.T) {
+	const n, size = 800, 16 << 10 // 13 MB: 6 s of reading
+	d := startDaemon(t, "-log-level", "2")
+	ch := d.prepare("")
+	c := d.dialSlow(ch.SubscriberToken)
+	d.fillSlowReader(ch.PublisherToken, n, size)
+	start := time.Now()
+	d.mustCall("DELETE", "/channel/publish/"+ch.PublisherToken, "", http.StatusOK, nil)
+	arrived, closed := c.readUntilClose(closeNormal, size)
+	took := closed.Sub(start)
+	t.Logf("after DELETE: %d of %d messages, then 1000 after %v", len(arrived), n, took)
+	// drainWait for what is queued; a second more for what the network
+	// already held when the daemon stopped.
+	if took > drainWait+time.Second {
+		t.Errorf("the close frame came %v after DELETE, want at most %v", took, drainWait+time.Second)
+	}
+}
+
+func TestShutdownClosesASlowReaderOnTime(t *testing.T) {
+	const n, size = 800, 16 << 10
+	addr, _, stop := runDaemon(t, "-bind", "127.0.0.1")
+	d := &daemon{t: t, url: "http://" + addr}
+	ch := d.prepare("")
+	c := d.dialSlow(ch.SubscriberToken)
+	d.fillSlowReader(ch.PublisherToken, n, size)
+	start := time.Now()
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+	arrived, closed := c.readUntilClose(closeGoingAway, size)
+	err := recv(t, stopped, "run to return")
+	took, exited := closed.Sub(start), time.Since(start)
+	t.Logf("after SIGTERM: %d of %d messages, then 1001 after %v; exit after %v", len(arrived), n, took, exited)
+	if err != nil {
+		t.Errorf("run returned %v, want nil (exit 0)", err)
+	}
+	if took > drainWait+time.Second {
+		t.Errorf("the close frame came %v after SIGTERM, want at most %v", took, drainWait+time.Second)
+	}
+}
+
+func TestShutdownWithANonReaderTakesDrainWait(t *testing.T) {
+	addr, _, stop := runDaemon(t, "-bind", "127.0.0.1")
+	d := &daemon{t: t, url: "http://" + addr}
+	ch := d.prepare("")
+	d.dial(ch.SubscriberToken) // and never read
+	big := strings.Repeat("x", 64<<10)
+	for range 300 { // 19 MB: far more than the kernel holds for it
+		d.publish(ch.PublisherToken, big)
+	}
+	start := time.Now()
+	err := stop()
+	took := time.Since(start)
+	t.Logf("shutdown with a subscriber that does not read took %v", took)
+	if err != nil {
+		t.Errorf("run returned %v, want nil (exit 0)", err)
+	}
+	if took > drainWait+closeGrace/2 {
+		t.Errorf("shutdown took %v, want drainWait (%v) and little more", took, drainWait)
+	}
+}
+
+func TestTooSlowReaderGetsItsCloseWithinAGrace(t *testing.T) {
+	const size = 32 << 10
+	d := startDaemon(t, "-log-level", "2")
+	ch := d.prepare("")
+	c := d.dialSlow(ch.SubscriberToken)
+	dropped := make(chan time.Time, 1)
+	published := make(chan error, 1)
+	go func() { // until the queue is full and the subscriber dropped
+		pad := strings.Repeat("x", size)
+		for i := range 4 * sendQueueLimit {
+			r, err := d.tryPublish(ch.PublisherToken, strconv.Itoa(i)+":"+pad)
+			if err != nil || r.Subscribers == 0 {
+				dropped <- time.Now()
+				published <- err
+				return
+			}
+		}
+		published <- errors.New("never dropped")
+	}()
+	arrived, closed := c.readUntilClose(closePolicyViolation, size)
+	if err := recv(t, published, "the publisher"); err != nil {
+		t.Fatal(err)
+	}
+	drop := <-dropped
+	after := len(arrived) - sort.Search(len(arrived), func(i int) bool { return arrived[i].After(drop) })
+	took := closed.Sub(drop)
+	t.Logf("dropped after %d messages; then %d more and 1008 after %v", len(arrived)-after, after, took)
+	// closeGrace for the write under way and the close frame; a second more
+	// for what the network already held.
+	if took > closeGrace+time.Second {
+		t.Errorf("1008 came %v after the drop, want at most %v", took, closeGrace+time.Second)
+	}
+	if most := slowReadRate / size; after > most {
+		t.Errorf("%d messages after the drop, want at most %d (a second of reading)", after, most)
+	}
+}
+
+// ---- Publishers that write ----
+
+// frameReader reads a server's frames from any goroutine: it returns
+// errors instead of failing the test.
+type frameReader struct {
+	conn net.Conn
+	br   *bufio.Reader
+}
+
+// messages reads n text messages, answering nothing (no ping comes within
+// the test).
+func (r frameReader) messages(n int) ([]string, error) {
+	var got []string
+	for len(got) < n {
+		if err := r.conn.SetReadDeadline(time.Now().Add(waitTimeout)); err != nil {
+			return got, err
+		}
+		var hdr [2]byte
+		if _, err := io.ReadFull(r.br, hdr[:]); err != nil {
+			return got, fmt.Errorf("after %d messages: %w", len(got), err)
+		}
+		length := uint64(hdr[1] & 0x7f)
+		if length >= 126 {
+			ext := make([]byte, 2)
+			if length == 127 {
+				ext = make([]byte, 8)
+			}
+			if _, err := io.ReadFull(r.br, ext); err != nil {
+				return got, err
+			}
+			length = 0
+			for _, x := range ext {
+				length = length<<8 | uint64(x)
+			}
+		}
+		payload := make([]byte, length)
+		if _, err := io.ReadFull(r.br, payload); err != nil {
+			return got, err
+		}
+		if hdr[0] != 0x80|websocket.TextFrame {
+			return got, fmt.Errorf("after %d messages: frame % x", len(got), hdr)
+		}
+		got = append(got, string(payload))
+	}
+	return got, nil
+}
+
+func TestPublishersWriteDirectlyWithoutReorderingOrCutting(t *testing.T) {
+	const publishers, each, size = 4, 150, 16 << 10 // 9.6 MB: more than the kernel holds for one subscriber
+	d := startDaemon(t, "-log-level", "2")
+	ch := d.prepare("")
+	// One subscriber reads at once, one slowly, one only after every
+	// publish: the kernel's buffers for the last two fill, so publishers'
+	// writes stop in the middle of frames, and the writers finish them
+	// while more publishes arrive.
+	fast, slow, paused := d.dial(ch.SubscriberToken), d.dialSlow(ch.SubscriberToken), d.dial(ch.SubscriberToken)
+	type result struct {
+		got []string
+		err error
+	}
+	readers := []chan result{make(chan result, 1), make(chan result, 1)}
+	for i, c := range []*wsClient{fast, slow} {
+		go func() {
+			got, err := frameReader{c.conn, c.br}.messages(publishers * each)
+			readers[i] <- result{got, err}
+		}()
+	}
+	var wg sync.WaitGroup
+	failed := make(chan error, publishers)
+	pad := strings.Repeat("x", size)
+	for p := range publishers {
+		wg.Go(func() {
+			for i := range each {
+				r, err := d.tryPublish(ch.PublisherToken, fmt.Sprintf("%d:%d:%s", p, i, pad))
+				if err == nil && r.Subscribers != 3 {
+					err = fmt.Errorf("publish %d:%d handed to %d subscribers", p, i, r.Subscribers)
+				}
+				if err != nil {
+					failed <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(failed)
+	for err := range failed {
+		t.Fatal(err)
+	}
+	got, err := frameReader{paused.conn, paused.br}.messages(publishers * each)
+	all := []result{recv(t, readers[0], "the fast reader"), recv(t, readers[1], "the slow reader"), {got, err}}
+	for i, r := range all {
+		if r.err != nil {
+			t.Fatalf("subscriber %d: %v", i, r.err)
+		}
+		next := make([]int, publishers) // each publisher's messages arrive in its order
+		for _, m := range r.got {
+			var p, n int
+			if _, err := fmt.Sscanf(m, "%d:%d:", &p, &n); err != nil || p < 0 || p >= publishers || n != next[p] || !strings.HasSuffix(m, ":"+pad) {
+				t.Fatalf("subscriber %d: got %.16q (%d bytes) after %v", i, m, len(m), next)
+			}
+			next[p]++
+		}
+		if !slices.Equal(r.got, all[0].got) {
+			t.Errorf("subscriber %d got the messages in another order than subscriber 0", i)
+		}
+	}
+}
+
+func TestOfferClaimsOnlyASubscriberWithNothingUnderWay(t *testing.T) {
+	d := startDaemon(t, "-log-level", "2")
+	ch := d.hub.byPublisherToken(d.prepare("").PublisherToken)
+	m := textMessage([]byte("m"))
+	for _, tc := range []struct {
+		name  string
+		state func(s *subscriber)
+		want  int
+	}{
+		{"idle WebSocket over TCP", func(*subscriber) {}, claimed},
+		{"SSE or TLS: no direct way out", func(s *subscriber) { s.out = nil }, enqueued},
+		{"a write under way", func(s *subscriber) { s.busy = true }, enqueued},
+		{"messages queued", func(s *subscriber) { s.queue = []*message{m} }, enqueued},
+		{"a frame half written", func(s *subscriber) { s.rest = m.frame[1:] }, enqueued},
+		{"a write failed", func(s *subscriber) { s.broken = true }, enqueued},
+		{"closing", func(s *subscriber) { s.bye = farewell{code: closeNormal} }, enqueued},
+		{"queue full", func(s *subscriber) { s.queue = make([]*message, d.hub.cfg.sendQueue) }, full},
+		{"queue full with the writer's batch", func(s *subscriber) { s.busy, s.writing = true, d.hub.cfg.sendQueue }, full},
+		{"queue full with a half-written frame", func(s *subscriber) {
+			s.queue, s.rest = make([]*message, d.hub.cfg.sendQueue-1), m.frame[1:]
+		}, full},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := d.hub.newSubscriber(ch, "websocket")
+			s.out = &frameBatch{}
+			tc.state(s)
+			queued := len(s.queue)
+			if got := s.offer(m); got != tc.want {
+				t.Fatalf("offer: %d, want %d (claimed %d, enqueued %d, full %d)", got, tc.want, claimed, enqueued, full)
+			}
+			if tc.want == claimed && !s.busy {
+				t.Error("claimed without marking the write under way")
+			}
+			if tc.want == enqueued && len(s.queue) != queued+1 {
+				t.Errorf("queue %d, want %d", len(s.queue), queued+1)
+			}
+		})
 	}
 }
 
@@ -5159,7 +5549,7 @@ func BenchmarkRedisPublish(b *testing.B) {
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			if _, _, err := d.hub.engine.publish(context.Background(), ch.PublisherToken, &message{data: body}); err != nil {
+			if _, _, err := d.hub.engine.publish(context.Background(), ch.PublisherToken, textMessage(body)); err != nil {
 				b.Error(err)
 				return
 			}
