@@ -3690,17 +3690,22 @@ func (s *subscriber) stop(bye farewell) {
 // subscriber is too far behind.
 func (s *subscriber) enqueue(m *message) bool {
 	s.mu.Lock()
-	if !s.roomLocked() {
-		s.mu.Unlock()
-		return false
-	}
-	s.queue = append(s.queue, m)
-	start := s.wakeLocked()
+	queued, start := s.queueLocked(m)
 	s.mu.Unlock()
 	if start {
 		go s.writeLoop()
 	}
-	return true
+	return queued
+}
+
+// queueLocked queues m when there is room, and says whether it did and
+// whether the caller, once it has let go of s.mu, starts a writer.
+func (s *subscriber) queueLocked(m *message) (queued, start bool) {
+	if !s.roomLocked() {
+		return false, false
+	}
+	s.queue = append(s.queue, m)
+	return true, s.wakeLocked()
 }
 
 // roomLocked says whether one more message may wait: what is queued, what
@@ -3733,15 +3738,13 @@ func (s *subscriber) offer(m *message) int {
 		s.mu.Unlock()
 		return claimed
 	}
-	if !s.roomLocked() {
-		s.mu.Unlock()
-		return full
-	}
-	s.queue = append(s.queue, m)
-	start := s.wakeLocked()
+	queued, start := s.queueLocked(m)
 	s.mu.Unlock()
 	if start {
 		go s.writeLoop()
+	}
+	if !queued {
+		return full
 	}
 	return enqueued
 }
