@@ -2264,7 +2264,7 @@ func (c *redisClient) send(quiet bool, args ...any) *redisCall {
 	rc.flushing = true
 	for len(rc.out) > 0 {
 		out := rc.out
-		rc.out = rc.spare[:0]
+		rc.out, rc.spare = rc.spare[:0], nil // never two users of one array
 		c.mu.Unlock()
 		err := rc.SetWriteDeadline(time.Now().Add(redisCommandTimeout))
 		if err == nil {

@@ -5436,6 +5436,53 @@ func TestRedisFlags(t *testing.T) {
 	}
 }
 
+// TestRedisCommandsAreNotMixedAfterABigOne sends a small command, one over
+// the size whose buffer is kept, then many concurrent ones: each must reach
+// Redis whole, none written over by another.
+func TestRedisCommandsAreNotMixedAfterABigOne(t *testing.T) {
+	ours, theirs := net.Pipe()
+	rc := &redisConn{Conn: ours, br: bufio.NewReader(ours), more: make(chan struct{}, 1)}
+	c := &redisClient{log: slog.New(slog.DiscardHandler), conn: rc, up: make(chan struct{})}
+	var sent bytes.Buffer
+	copied := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(&sent, theirs)
+		copied <- err
+	}()
+	c.send(true, "SMALL", strings.Repeat("s", 4000))
+	c.send(true, "BIG", strings.Repeat("b", 70<<10))
+	var wg sync.WaitGroup
+	for i := range 200 {
+		wg.Go(func() { c.send(true, "SET", "k", strings.Repeat(string(rune('a'+i%26)), 100)) })
+	}
+	wg.Wait()
+	ours.Close()
+	if err := recv(t, copied, "the commands to be read"); err != nil {
+		t.Fatalf("read the commands: %v", err)
+	}
+	r := bufio.NewReader(&sent)
+	for n := 0; ; n++ {
+		v, err := readReply(r)
+		if err == io.EOF {
+			if n != 202 {
+				t.Errorf("%d commands reached Redis, want 202", n)
+			}
+			return
+		}
+		if err != nil {
+			t.Fatalf("command %d: %v", n, err)
+		}
+		args, ok := v.([]any)
+		if !ok || len(args) < 2 {
+			t.Fatalf("command %d: %#v", n, v)
+		}
+		value := args[len(args)-1].([]byte)
+		if strings.Trim(string(value), string(value[:1])) != "" {
+			t.Fatalf("command %d (%s) mixed with another: %.60q", n, args[0], value)
+		}
+	}
+}
+
 // FuzzRESP: the reply parser never panics, never claims more than it read,
 // and what it parses encodes back to the same bytes.
 func FuzzRESP(f *testing.F) {
