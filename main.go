@@ -2704,6 +2704,10 @@ for i = 4, #ARGV - 1, 2 do redis.call('HSET', node, ARGV[i], ARGV[i + 1]) end
 redis.call('PEXPIRE', node, ttl)
 redis.call('ZADD', P .. 'nodes', now_ms() + ttl, ARGV[2])
 return 1`)
+
+	// redisScripts is every script, loaded again at each connect.
+	redisScripts = []*redisScript{prepareScript, showScript, listScript, editScript, publishScript,
+		deleteScript, findScript, joinScript, refreshScript, rewriteScript}
 )
 
 // redisEngine keeps the channels in Redis. This node holds a *channel only
@@ -2779,6 +2783,7 @@ func (r *redisEngine) start() {
 	h := r.h
 	h.background.Go(func() {
 		r.cmd.keep(r.ctx, r.first, func() {
+			r.loadScripts()
 			r.countsLost()
 			r.once[0].Do(func() { close(r.connected) })
 		})
@@ -3105,6 +3110,19 @@ func (sh *sharedChannel) countChangedLocked(ch *channel) {
 	}
 	r.cmd.send(true, "HSET", r.nodeKey(), ch.publisherToken, n)
 	r.cmd.send(true, "PEXPIRE", r.nodeKey(), nodeTTL.Milliseconds())
+}
+
+// loadScripts makes a Redis that restarted know every script before
+// anything else runs: a script issued under a lock (countsLost, join) then
+// runs in that lock's order, rather than being sent again with EVAL after
+// the lock is gone (NOSCRIPT), when a newer change may have come first.
+func (r *redisEngine) loadScripts() {
+	for _, s := range redisScripts {
+		if _, err := r.cmd.do("SCRIPT", "LOAD", s.src); err != nil {
+			r.h.log.Warn("loading scripts into redis failed", "err", err)
+			return
+		}
+	}
 }
 
 // countsLost writes all of this node's counts again, after a reconnect
