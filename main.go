@@ -1924,6 +1924,10 @@ func (h *hub) snapshot() snapshot {
 
 // Timings and sizes of the Redis engine, each with its reason.
 const (
+	// redisFailureLogEvery spaces the log lines of failed commands that
+	// nobody waits for (counts of subscribers that come and go): an outage
+	// would otherwise log one per subscriber.
+	redisFailureLogEvery = 10 * time.Second
 	// redisCommandTimeout bounds a command from write to reply: a change
 	// answers 503 within 2 s when Redis does not answer.
 	redisCommandTimeout = 1500 * time.Millisecond
@@ -2172,6 +2176,8 @@ type redisClient struct {
 	down error         // why it is down; nil once connected
 	ever bool          // connected at least once
 	up   chan struct{} // closed and replaced at each connection
+
+	failures logLimit // spaces the log lines of failed commands nobody waits for
 }
 
 type redisConn struct {
@@ -2197,7 +2203,10 @@ type redisResult struct {
 	err   error
 }
 
-func (c *redisCall) finish(log *slog.Logger, reply any, err error) {
+// finish hands the outcome to the waiter; a command nobody waits for logs
+// its failure, at most one line per redisFailureLogEvery: during an outage
+// every subscriber that comes or goes makes one.
+func (c *redisCall) finish(client *redisClient, reply any, err error) {
 	if c.done != nil {
 		c.done <- redisResult{reply, err}
 	} else if err == nil {
@@ -2205,8 +2214,11 @@ func (c *redisCall) finish(log *slog.Logger, reply any, err error) {
 			err = e
 		}
 	}
-	if c.done == nil && err != nil {
-		log.Warn("redis command failed", "command", c.what, "err", err)
+	if c.done != nil || err == nil {
+		return
+	}
+	if ok, suppressed := client.failures.allow(time.Now(), redisFailureLogEvery); ok {
+		client.log.Warn("redis command failed", "command", c.what, "err", err, "also_failed", suppressed)
 	}
 }
 
@@ -2245,7 +2257,7 @@ func (c *redisClient) send(quiet bool, args ...any) *redisCall {
 		if err == nil {
 			err = errors.New("not connected yet")
 		}
-		call.finish(c.log, nil, unavailable{err, true})
+		call.finish(c, nil, unavailable{err, true})
 		return call
 	}
 	call.deadline = time.Now().Add(redisCommandTimeout)
@@ -2336,7 +2348,7 @@ func (c *redisClient) read(rc *redisConn) {
 			call = rc.pending[0]
 		}
 		c.mu.Unlock()
-		answered.finish(c.log, reply, nil)
+		answered.finish(c, reply, nil)
 	}
 }
 
@@ -2355,7 +2367,7 @@ func (c *redisClient) lost(rc *redisConn, err error) {
 	default:
 	}
 	for _, call := range waiting {
-		call.finish(c.log, nil, unavailable{err: err})
+		call.finish(c, nil, unavailable{err: err})
 	}
 }
 
