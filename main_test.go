@@ -1857,13 +1857,25 @@ func TestHookOrderHoldsPerConnectionWithFewWorkers(t *testing.T) {
 	var mu sync.Mutex
 	var now, most int
 	got := map[string][]string{} // by subscriber, from the delivery id
+	// The first POSTs are held until the host's whole share is under way
+	// at once (or a wait runs out), so that the cap is reached, not guessed.
+	shareInUse := make(chan struct{})
+	var useOnce sync.Once
+	inUse := func() { useOnce.Do(func() { close(shareInUse) }) }
 	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
 		now++
 		most = max(most, now)
+		if now == hookPostsPerHost {
+			inUse()
+		}
 		mu.Unlock()
 		body, _ := io.ReadAll(r.Body)
-		time.Sleep(time.Millisecond) // long enough for POSTs to overlap
+		select {
+		case <-shareInUse:
+		case <-time.After(waitTimeout):
+			inUse()
+		}
 		parts := strings.Split(r.Header.Get("X-Gockets-Delivery-Id"), ".")
 		mu.Lock()
 		now--
@@ -1899,8 +1911,8 @@ func TestHookOrderHoldsPerConnectionWithFewWorkers(t *testing.T) {
 			}
 		}
 	}
-	if most > hookPostsPerHost {
-		t.Errorf("%d POSTs to one host at once, more than %d", most, hookPostsPerHost)
+	if most != hookPostsPerHost {
+		t.Errorf("at most %d POSTs to one host at once, want exactly %d", most, hookPostsPerHost)
 	}
 	t.Logf("%d subscribers, %d messages each: at most %d POSTs at once", subscribers, frames, most)
 }
