@@ -5631,23 +5631,26 @@ func TestRedisSubscribersJoiningMidStreamMissNothingAfterTheirJoin(t *testing.T)
 	a, b := startNode(t, rs.url()), startNode(t, rs.url())
 	ch := a.prepare("")
 	reference := a.dial(ch.SubscriberToken)
-	const n = 300
-	var wg sync.WaitGroup
-	for _, d := range []*daemon{a, b} {
-		wg.Go(func() {
-			for i := range n {
-				d.publish(ch.PublisherToken, fmt.Sprintf("%s %d", d.url, i))
-			}
-		})
-	}
-	// Subscribers join on both nodes while both publish: each must get, from
-	// its first message on, every later one of the common order, once.
+	// Both nodes publish in rounds; a subscriber joins, on either node,
+	// while each round but the last is published: each must get, from its
+	// first message on, every later one of the common order, once.
+	const rounds, perRound = 7, 40
+	const n = rounds * perRound
 	var late []*wsClient
-	for i := range 6 {
-		late = append(late, []*daemon{a, b}[i%2].dial(ch.SubscriberToken))
-		time.Sleep(time.Duration(i) * 5 * time.Millisecond) // spread over the publishing
+	for r := range rounds {
+		var wg sync.WaitGroup
+		for _, d := range []*daemon{a, b} {
+			wg.Go(func() {
+				for i := range perRound {
+					d.publish(ch.PublisherToken, fmt.Sprintf("%s %d", d.url, r*perRound+i))
+				}
+			})
+		}
+		if r < rounds-1 {
+			late = append(late, []*daemon{a, b}[r%2].dial(ch.SubscriberToken))
+		}
+		wg.Wait()
 	}
-	wg.Wait()
 	a.publish(ch.PublisherToken, "end") // for a subscriber that joined after the others
 	var order []string
 	for range 2*n + 1 {
@@ -5656,6 +5659,9 @@ func TestRedisSubscribersJoiningMidStreamMissNothingAfterTheirJoin(t *testing.T)
 	}
 	for i, c := range late {
 		_, p := c.next()
+		if string(p) == "end" {
+			t.Fatalf("late subscriber %d, joined while round %d of %d was published, got nothing before the end", i, i+1, rounds)
+		}
 		at := slices.Index(order, string(p))
 		if at < 0 {
 			t.Fatalf("late subscriber %d got %q, which the reference never did", i, p)
