@@ -5004,6 +5004,16 @@ func readBodyAfter(w http.ResponseWriter, r *http.Request, limit int64, headroom
 	if r.ContentLength > limit {
 		return tooBig()
 	}
+	if r.ContentLength >= 0 {
+		// The length is known and allowed (net/http reads no byte past
+		// it): one buffer of exactly that size, read in place.
+		buf := make([]byte, headroom+int(r.ContentLength))
+		if _, err := io.ReadFull(r.Body, buf[headroom:]); err != nil {
+			reply(w, http.StatusBadRequest, "ERR", "cannot read body: "+err.Error())
+			return nil, false
+		}
+		return buf, true
+	}
 	var buf bytes.Buffer
 	buf.Grow(headroom + int(max(r.ContentLength, 0)))
 	buf.Write(make([]byte, headroom))
