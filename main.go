@@ -569,7 +569,7 @@ type hub struct {
 	cancelHooks      context.CancelFunc
 	quit             chan struct{}  // closed by stop: the janitor and the store end
 	background       sync.WaitGroup // the janitor and the store
-	batches          sync.Pool      // of *[]byte, lent to WebSocket writers while they write
+	batches          sync.Pool      // of *[]byte, lent to WebSocket writers while they write, and to publish for its reply
 	claims           sync.Pool      // of *[]*subscriber, lent to publish
 	requests         requestWatch   // what each HTTP connection is doing, for shutdown
 	refusedOrigins   logLimit       // spaces the log lines of refused origins
@@ -4355,6 +4355,7 @@ func (b *frameBatch) Write(p []byte) (int, error) {
 func (b *frameBatch) gather() {
 	if b.buf == nil {
 		b.buf = b.pool.Get().(*[]byte)
+		*b.buf = (*b.buf)[:0]
 	}
 }
 
@@ -5124,14 +5125,18 @@ func (h *hub) handlePublish(w http.ResponseWriter, r *http.Request) {
 	if failed(w, err, "publisher") {
 		return
 	}
-	writeBody(w, http.StatusOK, publishReply(n, queued))
+	out := h.batches.Get().(*[]byte)
+	*out = publishReply((*out)[:0], n, queued)
+	writeBody(w, http.StatusOK, *out)
+	*out = (*out)[:0] // as frameBatch takes it: empty
+	h.batches.Put(out)
 }
 
 // publishReply says how many subscribers took the message, or whether it
 // was kept for the next one: {"type":"INF","message":…,"subscribers":N,
-// "queued":false}. Built by hand, as publish is the hot path.
-func publishReply(subscribers int, queued bool) []byte {
-	b := make([]byte, 0, 128)
+// "queued":false}, appended to b. Built by hand, as publish is the hot
+// path.
+func publishReply(b []byte, subscribers int, queued bool) []byte {
 	b = append(b, `{"type":"INF","message":"`...)
 	switch {
 	case queued:
