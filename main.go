@@ -4837,7 +4837,8 @@ func (h *hub) routes() *http.ServeMux {
 // ServeHTTP routes a request; what no route takes gets a JSON 404 or 405.
 func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if c, ok := r.Context().Value(connKey{}).(*connActivity); ok {
-		defer c.serve(r)()
+		c.serve(r)
+		defer c.handling.Store(false)
 	}
 	// prepare is a literal under the /channel/{publisher_token} wildcard:
 	// "GET /channel/prepare" is a wrong method, not a token.
@@ -5666,9 +5667,9 @@ func (rw *requestWatch) connState(conn net.Conn, state http.ConnState) {
 	}
 }
 
-// serve records a request whose handler starts, and returns what records
-// its end.
-func (c *connActivity) serve(r *http.Request) (end func()) {
+// serve records a request whose handler starts; the caller clears
+// handling when it ends.
+func (c *connActivity) serve(r *http.Request) {
 	c.request.Store(r)
 	c.body.Store(nil)
 	if r.Body != nil && r.Body != http.NoBody {
@@ -5677,7 +5678,6 @@ func (c *connActivity) serve(r *http.Request) (end func()) {
 		r.Body = b
 	}
 	c.handling.Store(true)
-	return func() { c.handling.Store(false) }
 }
 
 // watchedBody is a request body that knows whether it was read to the end.
