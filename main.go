@@ -752,6 +752,24 @@ func (h *hub) start() {
 	}
 }
 
+// discard lets go of what newHub holds for a hub that will never start (the
+// listen failed): the state file's lock and journal, the Redis connection
+// made to check the URL.
+func (h *hub) discard() {
+	h.cancelHooks()
+	if h.store != nil {
+		if err := errors.Join(h.store.journal.Close(), h.store.lock.Close()); err != nil {
+			h.log.Warn("close state files", "err", err)
+		}
+	}
+	if r, ok := h.engine.(*redisEngine); ok {
+		r.cancel()
+		if r.first != nil {
+			r.first.Close()
+		}
+	}
+}
+
 // stop ends the janitor and the store; the store writes its last snapshot.
 func (h *hub) stop() {
 	close(h.quit)
@@ -5487,6 +5505,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	srv := newServer(cfg, h, log)
 	ln, err := listen(cfg, srv)
 	if err != nil {
+		h.discard()
 		return err
 	}
 	h.start()

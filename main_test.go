@@ -2350,6 +2350,19 @@ func TestCorruptStateStopsTheDaemon(t *testing.T) {
 	}
 }
 
+func TestListenFailureReleasesTheStateFile(t *testing.T) {
+	state := filepath.Join(t.TempDir(), "state.json")
+	err := run(context.Background(), []string{"-bind", "127.0.0.1", "-port", takenPort(t), "-state-file", state},
+		func(string) string { return "" }, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "listen: ") {
+		t.Fatalf("run on a taken port: %v", err)
+	}
+	// The daemon started again on a free port (systemd restarting it, say)
+	// finds the state file unlocked.
+	addr, _, _ := runDaemon(t, "-state-file", state)
+	(&daemon{t: t, url: "http://" + addr}).prepare("")
+}
+
 func TestMissingStateStartsEmptyAndTornJournalLineIsIgnored(t *testing.T) {
 	dir := t.TempDir()
 	err := run(context.Background(), []string{"-bind", "127.0.0.1", "-port", "0", "-state-file", filepath.Join(dir, "no", "such", "dir", "s.json")}, func(string) string { return "" }, io.Discard, io.Discard)
@@ -5415,6 +5428,41 @@ func TestRedisMemoryStaysBounded(t *testing.T) {
 		}
 		return true
 	})
+}
+
+// takenPort is a port of 127.0.0.1 that a listener of the test holds.
+func takenPort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+}
+
+// clients is how many connections Redis has, the one asking included.
+func (rs *redisServer) clients() int {
+	rs.t.Helper()
+	return strings.Count(string(rs.do("CLIENT", "LIST").([]byte)), "\n")
+}
+
+func TestRedisListenFailureLeavesNoConnection(t *testing.T) {
+	rs := startRedis(t)
+	err := run(context.Background(), []string{"-bind", "127.0.0.1", "-port", takenPort(t), "-redis", rs.url()},
+		func(string) string { return "" }, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "listen: ") || exitStatus(err) != 1 {
+		t.Fatalf("run on a taken port: %v (exit %d)", err, exitStatus(err))
+	}
+	// run has returned: the connection it made is closed already, and
+	// Redis sees that at once (well before a garbage collection might).
+	deadline := time.Now().Add(time.Second)
+	for n := rs.clients(); n != 1; n = rs.clients() {
+		if time.Now().After(deadline) {
+			t.Fatalf("Redis has %d connections after run returned, want 1 (this one)", n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 func TestRedisFlags(t *testing.T) {
