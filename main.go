@@ -2726,10 +2726,15 @@ redis.call('ZADD', P .. 'nodes', now + ttl, ARGV[2])
 redis.call('ZREMRANGEBYSCORE', P .. 'nodes', '-inf', now - ttl)
 return redis.call('PEXPIRE', P .. 'node:' .. ARGV[2], ttl)`)
 
-	// ARGV: P, node, node TTL (ms), then pairs of pub and count.
+	// ARGV: P, node, node TTL (ms), then pairs of pub and count. A node
+	// with nothing to count leaves P:nodes until a join brings it back.
 	rewriteScript = newScript(`
 local node, ttl = P .. 'node:' .. ARGV[2], tonumber(ARGV[3])
 redis.call('DEL', node)
+if #ARGV < 4 then
+  redis.call('ZREM', P .. 'nodes', ARGV[2])
+  return 1
+end
 for i = 4, #ARGV - 1, 2 do redis.call('HSET', node, ARGV[i], ARGV[i + 1]) end
 redis.call('PEXPIRE', node, ttl)
 redis.call('ZADD', P .. 'nodes', now_ms() + ttl, ARGV[2])
@@ -3183,8 +3188,10 @@ func (r *redisEngine) countsLost() {
 	}
 }
 
-// presence keeps this node alive in Redis, writes its counts again when
-// Redis lost them, and forgets channels without subscribers here.
+// presence keeps this node alive in Redis while it has subscribers to
+// count, writes its counts again when Redis lost them, and forgets channels
+// without subscribers here. A node with nothing to count writes nothing:
+// its next join puts it back in P:nodes.
 func (r *redisEngine) presence() {
 	t := time.NewTicker(presenceInterval)
 	defer t.Stop()
@@ -3194,21 +3201,25 @@ func (r *redisEngine) presence() {
 			return
 		case <-t.C:
 		}
+		if !r.forgetIdle() {
+			continue
+		}
 		if reply, err := r.eval(refreshScript, r.prefix, r.node, nodeTTL.Milliseconds()); err == nil && reply == int64(0) {
 			r.countsLost()
 		}
-		r.forgetIdle()
 	}
 }
 
 // forgetIdle drops this node's copy of the channels that have had no
-// subscriber here for localIdleRounds rounds.
-func (r *redisEngine) forgetIdle() {
+// subscriber here for localIdleRounds rounds, and says whether Redis holds
+// a count of this node's (it was sent, if not yet applied).
+func (r *redisEngine) forgetIdle() (counting bool) {
 	h := r.h
 	for _, ch := range h.all() {
 		h.mu.Lock()
 		ch.mu.Lock()
 		if sh := ch.shared; sh != nil && h.byPublisher[ch.publisherToken] == ch {
+			counting = counting || sh.sent > 0
 			if len(ch.subscribers) > 0 || sh.joining > 0 || ch.connected > 0 {
 				sh.idle = 0
 			} else if sh.idle++; sh.idle >= localIdleRounds {
@@ -3220,6 +3231,7 @@ func (r *redisEngine) forgetIdle() {
 		ch.mu.Unlock()
 		h.mu.Unlock()
 	}
+	return counting
 }
 
 // streamID is the Redis stream id of a message id: ms<<20 | seq.

@@ -5465,6 +5465,56 @@ func TestRedisListenFailureLeavesNoConnection(t *testing.T) {
 	}
 }
 
+// monitor returns the commands Redis runs during d, Lua's included, as
+// MONITOR shows them: one line each, the command in quotes.
+func (rs *redisServer) monitor(d time.Duration) []string {
+	rs.t.Helper()
+	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", rs.port), time.Second)
+	if err != nil {
+		rs.t.Fatal(err)
+	}
+	defer conn.Close()
+	br := bufio.NewReader(conn)
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := conn.Write(appendCommand(nil, "MONITOR")); err != nil {
+		rs.t.Fatal(err)
+	}
+	if reply, err := readReply(br); err != nil || replyString(reply) != "OK" {
+		rs.t.Fatalf("MONITOR: %v %v", reply, err)
+	}
+	conn.SetReadDeadline(time.Now().Add(d))
+	var lines []string
+	for {
+		reply, err := readReply(br)
+		if isTimeout(err) {
+			return lines
+		} else if err != nil {
+			rs.t.Fatalf("MONITOR: %v", err)
+		}
+		lines = append(lines, replyString(reply))
+	}
+}
+
+func TestRedisIdleNodeWritesNothing(t *testing.T) {
+	rs := startRedis(t)
+	a := startNode(t, rs.url())
+	ch := a.prepare("")
+	sub := a.dial(ch.SubscriberToken)
+	sub.send(true, websocket.CloseFrame, closePayload(1000))
+	sub.expectClose(1000)
+	waitFor(t, "the count to drop", func() bool { return a.listeners(ch.PublisherToken) == 0 })
+	// A node with no subscriber left has nothing to keep alive in Redis:
+	// over several presence rounds it only probes its Pub/Sub connection.
+	for _, line := range rs.monitor(3*presenceInterval + presenceInterval/2) {
+		if !strings.HasSuffix(line, ` "PING"`) {
+			t.Errorf("an idle node ran %s", line)
+		}
+	}
+	if keys := rs.keys("gockets:node:*"); len(keys) != 0 {
+		t.Errorf("an idle node left %q", keys)
+	}
+}
+
 func TestRedisFlags(t *testing.T) {
 	for _, tc := range []struct {
 		args []string
