@@ -1976,6 +1976,10 @@ const (
 	// for a node to fill a gap after a short outage, even with -backlog 0.
 	streamMinLength = 100
 	streamMinTTL    = time.Minute
+	// redisListPage is how many channels one call of the list script reads:
+	// each costs a lookup per live node, and Redis runs nothing else
+	// meanwhile.
+	redisListPage = 100
 	// RESP limits: a reply bigger or deeper than these is a broken stream.
 	respMaxBulk  = 512 << 20 // Redis's own proto-max-bulk-len
 	respMaxArray = 1 << 24
@@ -2624,14 +2628,17 @@ return 1`)
 	// ARGV: P, pub.
 	showScript = newScript(`return view(ARGV[2], now_ms())`)
 
-	// ARGV: P. Every channel, oldest first.
+	// ARGV: P, after, count. The next count channels prepared after number
+	// after, oldest first: {number of the last one, views, how many it
+	// read}. Fewer than count read: the list ends there.
 	listScript = newScript(`
 local now, out = now_ms(), {}
-for _, pub in ipairs(redis.call('ZRANGE', P .. 'channels', 0, -1)) do
-  local v = view(pub, now)
+local page = redis.call('ZRANGEBYSCORE', P .. 'channels', '(' .. ARGV[2], '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[3])
+for i = 1, #page, 2 do
+  local v = view(page[i], now)
   if v then out[#out + 1] = v end
 end
-return out`)
+return {page[#page] or ARGV[2], out, #page / 2}`)
 
 	// ARGV: P, pub, set hook, hook ('' clears it), set tag, tag. Nodes
 	// learn the new hook URL from the announcement.
@@ -2932,23 +2939,35 @@ func (r *redisEngine) show(_ context.Context, token string) (channelJSON, error)
 	return viewOf(reply)
 }
 
+// list reads the channels a page at a time, so that no call holds Redis
+// for every channel; like one node's, the list is not a snapshot: a
+// channel prepared or deleted meanwhile may or may not be in it.
 func (r *redisEngine) list(_ context.Context, match *regexp.Regexp) ([]channelJSON, error) {
-	reply, err := r.eval(listScript, r.prefix)
-	if err != nil {
-		return nil, err
-	}
-	items, _ := reply.([]any)
 	list := []channelJSON{}
-	for _, item := range items {
-		view, err := viewOf(item)
+	for after := "0"; ; {
+		reply, err := r.eval(listScript, r.prefix, after, redisListPage)
 		if err != nil {
 			return nil, err
 		}
-		if match == nil || view.Tag != nil && match.MatchString(*view.Tag) {
-			list = append(list, view)
+		f, ok := reply.([]any)
+		if !ok || len(f) != 3 {
+			return nil, fmt.Errorf("redis: unexpected page of channels %v", reply)
 		}
+		items, _ := f[1].([]any)
+		for _, item := range items {
+			view, err := viewOf(item)
+			if err != nil {
+				return nil, err
+			}
+			if match == nil || view.Tag != nil && match.MatchString(*view.Tag) {
+				list = append(list, view)
+			}
+		}
+		if read, _ := f[2].(int64); read < redisListPage {
+			return list, nil
+		}
+		after = replyString(f[0])
 	}
-	return list, nil
 }
 
 func (r *redisEngine) edit(_ context.Context, token string, opts channelOptions) (channelJSON, error) {

@@ -5465,9 +5465,9 @@ func TestRedisListenFailureLeavesNoConnection(t *testing.T) {
 	}
 }
 
-// monitor returns the commands Redis runs during d, Lua's included, as
-// MONITOR shows them: one line each, the command in quotes.
-func (rs *redisServer) monitor(d time.Duration) []string {
+// monitor returns the commands Redis runs while during runs, Lua's
+// included, as MONITOR shows them: one line each, the command in quotes.
+func (rs *redisServer) monitor(during func()) []string {
 	rs.t.Helper()
 	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", rs.port), time.Second)
 	if err != nil {
@@ -5475,23 +5475,28 @@ func (rs *redisServer) monitor(d time.Duration) []string {
 	}
 	defer conn.Close()
 	br := bufio.NewReader(conn)
-	conn.SetDeadline(time.Now().Add(5 * time.Second))
 	if _, err := conn.Write(appendCommand(nil, "MONITOR")); err != nil {
 		rs.t.Fatal(err)
 	}
+	conn.SetReadDeadline(time.Now().Add(waitTimeout))
 	if reply, err := readReply(br); err != nil || replyString(reply) != "OK" {
 		rs.t.Fatalf("MONITOR: %v %v", reply, err)
 	}
-	conn.SetReadDeadline(time.Now().Add(d))
+	during()
+	const end = "end of the monitored commands"
+	rs.do("ECHO", end) // Redis shows it after everything during ran
 	var lines []string
+	conn.SetReadDeadline(time.Now().Add(waitTimeout))
 	for {
 		reply, err := readReply(br)
-		if isTimeout(err) {
-			return lines
-		} else if err != nil {
+		if err != nil {
 			rs.t.Fatalf("MONITOR: %v", err)
 		}
-		lines = append(lines, replyString(reply))
+		line := replyString(reply)
+		if strings.HasSuffix(line, `"ECHO" "`+end+`"`) {
+			return lines
+		}
+		lines = append(lines, line)
 	}
 }
 
@@ -5505,13 +5510,67 @@ func TestRedisIdleNodeWritesNothing(t *testing.T) {
 	waitFor(t, "the count to drop", func() bool { return a.listeners(ch.PublisherToken) == 0 })
 	// A node with no subscriber left has nothing to keep alive in Redis:
 	// over several presence rounds it only probes its Pub/Sub connection.
-	for _, line := range rs.monitor(3*presenceInterval + presenceInterval/2) {
+	for _, line := range rs.monitor(func() { time.Sleep(3*presenceInterval + presenceInterval/2) }) {
 		if !strings.HasSuffix(line, ` "PING"`) {
 			t.Errorf("an idle node ran %s", line)
 		}
 	}
 	if keys := rs.keys("gockets:node:*"); len(keys) != 0 {
 		t.Errorf("an idle node left %q", keys)
+	}
+}
+
+func TestRedisListReadsAPageAtATime(t *testing.T) {
+	rs := startRedis(t)
+	a, b := startNode(t, rs.url()), startNode(t, rs.url())
+	const n = 2*redisListPage + redisListPage/2
+	var all, tagged []string
+	for i := range n {
+		body := ""
+		if i%3 == 0 {
+			body = fmt.Sprintf(`{"tag": "room-%d"}`, i)
+		}
+		ch := a.prepare(body)
+		if i == n-1 { // counted on every node alike
+			b.dial(ch.SubscriberToken)
+			ch.Listeners = 1
+		}
+		all = append(all, strings.TrimSuffix(channelBody(ch), "\n"))
+		if ch.Tag != nil {
+			tagged = append(tagged, strings.TrimSuffix(channelBody(ch), "\n"))
+		}
+	}
+	deleted := a.prepare("")
+	a.mustCall("DELETE", "/channel/publish/"+deleted.PublisherToken, "", 200, nil)
+	want := `{"channels":[` + strings.Join(all, ",") + "]}\n"
+	wantTagged := `{"channels":[` + strings.Join(tagged, ",") + "]}\n"
+	var lines []string
+	lines = rs.monitor(func() {
+		for _, d := range []*daemon{a, b} {
+			if got := d.mustCall("GET", "/channel", "", 200, nil); got != want {
+				t.Errorf("list on %s:\n got %s\nwant %s", d.url, got, want)
+			}
+			if got := d.mustCall("GET", "/channel/show?search=^room-", "", 200, nil); got != wantTagged {
+				t.Errorf("search on %s:\n got %s\nwant %s", d.url, got, wantTagged)
+			}
+		}
+	})
+	// Each call of the list script reads at most a page: each of the 4
+	// lists of 250 channels takes 3 calls.
+	calls, views := 0, 0
+	for _, line := range lines {
+		switch {
+		case strings.Contains(line, `"EVALSHA" "`+listScript.sha+`"`):
+			calls++
+			views = 0
+		case strings.Contains(line, `"HMGET"`):
+			if views++; views > redisListPage {
+				t.Fatalf("a call of the list script read more than %d channels", redisListPage)
+			}
+		}
+	}
+	if calls != 4*3 {
+		t.Errorf("4 lists took %d calls of the list script, want 12", calls)
 	}
 }
 
