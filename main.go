@@ -2699,10 +2699,12 @@ return {pub, f[1], f[2]}`)
 
 	// ARGV: P, pub, node, this node's subscribers of the channel (the
 	// joining one included), node TTL (ms), 'new' or 'resume', the id to
-	// resume after, backlog, backlog TTL (ms). It counts the subscriber
-	// before any later publish, hands it the messages waiting (new: those
-	// after handed; resume: those after its id), newest first, and marks
-	// them handed. Returns {last id, entries}, or nil.
+	// resume after, backlog, backlog TTL (ms), room in the subscriber's
+	// queue. It counts the subscriber before any later publish, hands it the
+	// messages waiting (new: those after handed; resume: those after its
+	// id), newest first, and marks them handed. As on one node, what does
+	// not fit in its queue (the newest) waits for the next subscriber.
+	// Returns {last id, entries}, or nil.
 	joinScript = newScript(`
 local ch = P .. 'ch:' .. ARGV[2]
 if redis.call('EXISTS', ch) == 0 then return false end
@@ -2722,8 +2724,19 @@ if tonumber(ARGV[8]) > 0 and from ~= last then
     kept[#kept + 1] = e
   end
 end
-redis.call('HSET', ch, 'handed', last)
-return {last, kept}`)
+local room = tonumber(ARGV[10])
+if #kept <= room then
+  redis.call('HSET', ch, 'handed', last)
+  return {last, kept}
+end
+local fits = {unpack(kept, #kept - room + 1)}
+local newest = fits[1][1]
+local handed = redis.call('HGET', ch, 'handed') or '0-0'
+local nm, ns = string.match(newest, '^(%d+)-(%d+)$')
+local hm, hs = string.match(handed, '^(%d+)-(%d+)$')
+nm, ns, hm, hs = tonumber(nm), tonumber(ns), tonumber(hm), tonumber(hs)
+if nm > hm or nm == hm and ns > hs then redis.call('HSET', ch, 'handed', newest) end
+return {last, fits}`)
 
 	// ARGV: P, node, node TTL (ms). Returns 0 when the node's counts are
 	// gone (Redis lost them, or this node was away longer than its TTL).
@@ -3067,7 +3080,7 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 	}
 	args := func() []any {
 		return []any{r.prefix, ch.publisherToken, r.node, len(ch.subscribers) + sh.joining, nodeTTL.Milliseconds(),
-			mode, from, r.backlog, r.backlogTTL.Milliseconds()}
+			mode, from, r.backlog, r.backlogTTL.Milliseconds(), r.h.cfg.sendQueue} // s is new: its queue is empty
 	}
 	ch.mu.Lock()
 	sh.joining++
@@ -3110,13 +3123,22 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 			if !sh.following {
 				sh.following, sh.cursor = true, last
 			}
+			full := false
 			for _, m := range kept {
-				s.enqueue(m)
+				if full = !s.enqueue(m); full {
+					break
+				}
 			}
 			joined := r.h.join(ch, s, false, 0)
 			behind := sh.seen > sh.cursor
 			target := sh.seen
 			sh.mu.Unlock()
+			if full && joined { // handed, not queued: too slow, as when a publish finds its queue full
+				s.log().Warn("subscriber too slow: disconnected", "queued", r.h.cfg.sendQueue)
+				r.h.stats.slowDisconnects.Add(1)
+				s.stop(farewell{closePolicyViolation, "too slow: send queue full", false})
+				return joined
+			}
 			if behind { // announced before this node followed the channel
 				if err := r.catchUp(ch, target); err != nil {
 					s.log().Warn("catching up with the channel failed", "err", err)

@@ -2041,6 +2041,29 @@ func TestMessagesWaitForTheNextSubscriber(t *testing.T) {
 	}
 }
 
+// TestBacklogLongerThanTheSendQueueWaits: what a new subscriber's queue
+// cannot take of the backlog (the newest) waits for the next subscriber.
+func TestBacklogLongerThanTheSendQueueWaits(t *testing.T) {
+	d := startDaemonWith(t, func(c *config) { c.sendQueue = 3 })
+	ch := d.prepare("")
+	for i := range 7 {
+		if r := d.publish(ch.PublisherToken, fmt.Sprint("early ", i)); !r.Queued {
+			t.Fatalf("publish before any subscriber: %+v, want queued", r)
+		}
+	}
+	var subs []*wsClient
+	for range 4 {
+		subs = append(subs, d.dial(ch.SubscriberToken)) // joined when the upgrade is answered
+	}
+	d.mustCall("DELETE", "/channel/publish/"+ch.PublisherToken, "", 200, nil) // what is queued goes first
+	for i, want := range [][]int{{0, 1, 2}, {3, 4, 5}, {6}, {}} {
+		for _, n := range want {
+			subs[i].expectText(fmt.Sprint("early ", n))
+		}
+		subs[i].expectClose(1000)
+	}
+}
+
 func TestBacklogIsBoundedAndExpires(t *testing.T) {
 	t.Run("bounded", func(t *testing.T) {
 		d := startDaemon(t, "-backlog", "2")
@@ -5574,6 +5597,37 @@ func TestRedisListReadsAPageAtATime(t *testing.T) {
 	}
 }
 
+// TestRedisJoinThatCannotQueueWhatItTookIsSlow: a message the join took
+// from Redis (marked handed there) and could not queue would be lost to the
+// subscriber in silence; it is closed as too slow instead, as when a
+// publish finds its queue full.
+func TestRedisJoinThatCannotQueueWhatItTookIsSlow(t *testing.T) {
+	rs := startRedis(t)
+	d := startDaemonWith(t, nil, "-redis", rs.url(), "-log-level", "2")
+	ch := d.prepare("")
+	for i := range 3 {
+		d.publish(ch.PublisherToken, fmt.Sprint("early ", i))
+	}
+	c, err := d.hub.engine.find(context.Background(), ch.SubscriberToken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := d.hub.newSubscriber(c, "websocket")
+	s.queue = make([]*message, d.hub.cfg.sendQueue-1) // room for one of the three
+	if !d.hub.engine.join(c, s, false, 0) {
+		t.Fatal("join refused")
+	}
+	s.mu.Lock()
+	bye := s.bye
+	s.mu.Unlock()
+	if bye.code != closePolicyViolation || d.hub.stats.slowDisconnects.Load() != 1 {
+		t.Errorf("farewell %+v, %d slow disconnects; want 1008 and 1", bye, d.hub.stats.slowDisconnects.Load())
+	}
+	if n := d.listeners(ch.PublisherToken); n != 0 {
+		t.Errorf("listeners %d", n)
+	}
+}
+
 func TestRedisFlags(t *testing.T) {
 	for _, tc := range []struct {
 		args []string
@@ -5738,6 +5792,7 @@ func TestRedisPassesTheOneNodeTests(t *testing.T) {
 		{"BodiesAreLimited", TestBodiesAreLimited},
 		{"SlowSubscriberIsDroppedOthersGetEverything", TestSlowSubscriberIsDroppedOthersGetEverything},
 		{"MessagesWaitForTheNextSubscriber", TestMessagesWaitForTheNextSubscriber},
+		{"BacklogLongerThanTheSendQueueWaits", TestBacklogLongerThanTheSendQueueWaits},
 		{"SSEResumesFromLastEventID", TestSSEResumesFromLastEventID},
 		{"BinaryMessagesBothWays", TestBinaryMessagesBothWays},
 		{"PresenceEventsOncePerChange", TestPresenceEventsOncePerChange},
