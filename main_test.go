@@ -5567,8 +5567,7 @@ func TestRedisListReadsAPageAtATime(t *testing.T) {
 	a.mustCall("DELETE", "/channel/publish/"+deleted.PublisherToken, "", 200, nil)
 	want := `{"channels":[` + strings.Join(all, ",") + "]}\n"
 	wantTagged := `{"channels":[` + strings.Join(tagged, ",") + "]}\n"
-	var lines []string
-	lines = rs.monitor(func() {
+	lines := rs.monitor(func() {
 		for _, d := range []*daemon{a, b} {
 			if got := d.mustCall("GET", "/channel", "", 200, nil); got != want {
 				t.Errorf("list on %s:\n got %s\nwant %s", d.url, got, want)
