@@ -5087,8 +5087,7 @@ func readBodyAfter(w http.ResponseWriter, r *http.Request, limit int64, headroom
 		}
 		return buf, true
 	}
-	var buf bytes.Buffer
-	buf.Grow(headroom + int(max(r.ContentLength, 0)))
+	var buf bytes.Buffer // of unknown length (chunked): it grows as it comes
 	buf.Write(make([]byte, headroom))
 	_, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, limit))
 	var maxBytes *http.MaxBytesError
