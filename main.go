@@ -2707,8 +2707,11 @@ return {pub, f[1], f[2]}`)
 	// stretches of waiting); resume, those after its id, waiting or not. As
 	// on one node, what does not fit in its queue (the newest) and what a
 	// resume did not reach wait for the next subscriber: handed moves to
-	// last, and waiting keeps what no subscriber has had below it. Returns
-	// {last id, entries}, or nil.
+	// last, and waiting keeps what no subscriber has had below it. A join
+	// that adds its node to P:nodes removes the nodes whose presence expired
+	// a TTL ago (killed with -9 while no node refreshed): only such joins
+	// add to P:nodes, so it holds no node dead for longer than the last one
+	// added. Returns {last id, entries}, or nil.
 	joinScript = newScript(`
 local ch = P .. 'ch:' .. ARGV[2]
 if redis.call('EXISTS', ch) == 0 then return false end
@@ -2716,7 +2719,9 @@ local now, ttl = now_ms(), tonumber(ARGV[5])
 local node = P .. 'node:' .. ARGV[3]
 redis.call('HSET', node, ARGV[2], ARGV[4])
 redis.call('PEXPIRE', node, ttl)
-redis.call('ZADD', P .. 'nodes', now + ttl, ARGV[3])
+if redis.call('ZADD', P .. 'nodes', now + ttl, ARGV[3]) == 1 then -- a node new to P:nodes
+  redis.call('ZREMRANGEBYSCORE', P .. 'nodes', '-inf', now - ttl)
+end
 local function before(a, b)
   local am, as = string.match(a, '^(%d+)-(%d+)$')
   local bm, bs = string.match(b, '^(%d+)-(%d+)$')

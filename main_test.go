@@ -5612,6 +5612,24 @@ func TestRedisIdleNodeWritesNothing(t *testing.T) {
 	}
 }
 
+// TestRedisJoinForgetsDeadNodes: nodes killed with -9 while no node had a
+// subscriber to refresh its presence with leave their entries in P:nodes;
+// the next join anywhere removes them, so the set does not grow with the
+// nodes that came and went.
+func TestRedisJoinForgetsDeadNodes(t *testing.T) {
+	rs := startRedis(t)
+	a := startNode(t, rs.url())
+	ch := a.prepare("")
+	past := time.Now().Add(-2 * nodeTTL).UnixMilli()
+	for i := range 100 { // each expired more than a node's TTL ago
+		rs.do("ZADD", "gockets:nodes", past-int64(i), fmt.Sprint("dead-", i))
+	}
+	a.dial(ch.SubscriberToken) // joined when the upgrade is answered
+	if n := rs.do("ZCARD", "gockets:nodes"); n != int64(1) {
+		t.Errorf("after a join P:nodes holds %v nodes, want 1 (the live one)", n)
+	}
+}
+
 func TestRedisListReadsAPageAtATime(t *testing.T) {
 	rs := startRedis(t)
 	a, b := startNode(t, rs.url()), startNode(t, rs.url())
