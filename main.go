@@ -1922,7 +1922,9 @@ func (h *hub) snapshot() snapshot {
 //
 //	P:ch:PUB      hash: sub, hook, tag, seq, last (id of the latest
 //	              message), handed (messages up to this id reached some
-//	              subscriber, or were kept and handed to one)
+//	              subscriber, or were kept and handed to one), waiting
+//	              (stretches below handed that none has had yet: what a
+//	              full queue or a resume left, for the next subscriber)
 //	P:sub:SUB     the publisher token of a subscriber token
 //	P:channels    sorted set of publisher tokens, in order of preparation
 //	P:seq         the last preparation number
@@ -2700,43 +2702,83 @@ return {pub, f[1], f[2]}`)
 	// ARGV: P, pub, node, this node's subscribers of the channel (the
 	// joining one included), node TTL (ms), 'new' or 'resume', the id to
 	// resume after, backlog, backlog TTL (ms), room in the subscriber's
-	// queue. It counts the subscriber before any later publish, hands it the
-	// messages waiting (new: those after handed; resume: those after its
-	// id), newest first, and marks them handed. As on one node, what does
-	// not fit in its queue (the newest) waits for the next subscriber.
-	// Returns {last id, entries}, or nil.
+	// queue. It counts the subscriber before any later publish and hands it
+	// messages, newest first: new, those waiting (after handed, and the
+	// stretches of waiting); resume, those after its id, waiting or not. As
+	// on one node, what does not fit in its queue (the newest) and what a
+	// resume did not reach wait for the next subscriber: handed moves to
+	// last, and waiting keeps what no subscriber has had below it. A join
+	// that adds its node to P:nodes removes the nodes whose presence expired
+	// a TTL ago (killed with -9 while no node refreshed): only such joins
+	// add to P:nodes, so it holds no node dead for longer than the last one
+	// added. Returns {last id, entries}, or nil.
 	joinScript = newScript(`
 local ch = P .. 'ch:' .. ARGV[2]
 if redis.call('EXISTS', ch) == 0 then return false end
-local now = now_ms()
+local now, ttl = now_ms(), tonumber(ARGV[5])
 local node = P .. 'node:' .. ARGV[3]
 redis.call('HSET', node, ARGV[2], ARGV[4])
-redis.call('PEXPIRE', node, ARGV[5])
-redis.call('ZADD', P .. 'nodes', now + tonumber(ARGV[5]), ARGV[3])
-local last = redis.call('HGET', ch, 'last') or '0-0'
-local from = ARGV[7]
-if ARGV[6] == 'new' then from = redis.call('HGET', ch, 'handed') or '0-0' end
-local kept = {}
-if tonumber(ARGV[8]) > 0 and from ~= last then
-  local oldest = now - tonumber(ARGV[9])
-  for _, e in ipairs(redis.call('XREVRANGE', P .. 'log:' .. ARGV[2], '+', '(' .. from, 'COUNT', ARGV[8])) do
-    if tonumber(string.match(e[1], '^%d+')) < oldest then break end
+redis.call('PEXPIRE', node, ttl)
+if redis.call('ZADD', P .. 'nodes', now + ttl, ARGV[3]) == 1 then -- a node new to P:nodes
+  redis.call('ZREMRANGEBYSCORE', P .. 'nodes', '-inf', now - ttl)
+end
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or am == bm and as < bs
+end
+local f = redis.call('HMGET', ch, 'last', 'handed', 'waiting')
+local last, handed, count = f[1] or '0-0', f[2] or '0-0', tonumber(ARGV[8])
+local waiting = {} -- a1 b1 a2 b2 ...: the messages in (a, b], oldest stretch first
+if count > 0 then
+  for id in string.gmatch(f[3] or '', '%S+') do waiting[#waiting + 1] = id end
+  if handed ~= last and before(handed, last) then waiting[#waiting + 1], waiting[#waiting + 2] = handed, last end
+end
+local kept, oldest = {}, now - tonumber(ARGV[9])
+local function take(to, after) -- newest first, until count or an expired one
+  if #kept >= count then return false end
+  for _, e in ipairs(redis.call('XREVRANGE', P .. 'log:' .. ARGV[2], to, '(' .. after, 'COUNT', count - #kept)) do
+    if tonumber(string.match(e[1], '^%d+')) < oldest then return false end
     kept[#kept + 1] = e
   end
+  return true
 end
-local room = tonumber(ARGV[10])
-if #kept <= room then
-  redis.call('HSET', ch, 'handed', last)
-  return {last, kept}
+local from = ARGV[7]
+if ARGV[6] == 'new' then
+  from = '0-0'
+  for i = #waiting - 1, 1, -2 do
+    if not take(waiting[i + 1], waiting[i]) then break end
+  end
+elseif count > 0 and before(from, last) then
+  take('+', from)
 end
-local fits = {unpack(kept, #kept - room + 1)}
-local newest = fits[1][1]
-local handed = redis.call('HGET', ch, 'handed') or '0-0'
-local nm, ns = string.match(newest, '^(%d+)-(%d+)$')
-local hm, hs = string.match(handed, '^(%d+)-(%d+)$')
-nm, ns, hm, hs = tonumber(nm), tonumber(ns), tonumber(hm), tonumber(hs)
-if nm > hm or nm == hm and ns > hs then redis.call('HSET', ch, 'handed', newest) end
-return {last, fits}`)
+local room, to = tonumber(ARGV[10]), last
+if #kept > room then
+  local fits = {}
+  for i = #kept - room + 1, #kept do fits[#fits + 1] = kept[i] end
+  kept, to = fits, fits[1][1]
+end
+local left = {} -- waiting, less (from, to], which was handed out, and what expired
+local function leave(a, b)
+  if before(a, b) and tonumber(string.match(b, '^%d+')) >= oldest then left[#left + 1], left[#left + 2] = a, b end
+end
+for i = 1, #waiting - 1, 2 do
+  local a, b = waiting[i], waiting[i + 1]
+  if not before(from, to) then
+    leave(a, b)
+  else
+    if before(a, from) then leave(a, before(b, from) and b or from) end
+    if before(to, b) then leave(before(a, to) and to or a, b) end
+  end
+end
+local skip = math.max(0, #left / 2 - count) * 2 -- a join takes count at most, the newest
+if handed ~= last then redis.call('HSET', ch, 'handed', last) end
+local rest = table.concat(left, ' ', skip + 1)
+if rest ~= (f[3] or '') then -- most joins find nothing waiting, and write nothing here
+  if rest == '' then redis.call('HDEL', ch, 'waiting') else redis.call('HSET', ch, 'waiting', rest) end
+end
+return {last, kept}`)
 
 	// ARGV: P, node, node TTL (ms). Returns 0 when the node's counts are
 	// gone (Redis lost them, or this node was away longer than its TTL).

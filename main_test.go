@@ -2066,6 +2066,75 @@ func TestBacklogLongerThanTheSendQueueWaits(t *testing.T) {
 	}
 }
 
+// TestBacklogTheSendQueueLeftWaitsPastLivePublishes: what a new
+// subscriber's queue could not take waits for the next subscriber, also
+// when messages were delivered live in between.
+func TestBacklogTheSendQueueLeftWaitsPastLivePublishes(t *testing.T) {
+	d := startDaemonWith(t, func(c *config) { c.sendQueue = 3 })
+	ch := d.prepare("")
+	for i := range 5 {
+		d.publish(ch.PublisherToken, fmt.Sprint("early ", i))
+	}
+	first := d.dial(ch.SubscriberToken)
+	for i := range 3 {
+		first.expectText(fmt.Sprint("early ", i))
+	}
+	// Its writer writes the pong after it is done with the three: then its
+	// queue has room again, and the publish below does not find it full.
+	first.send(true, websocket.PingFrame, []byte("done?"))
+	if op, p := first.frame(); op != websocket.PongFrame || string(p) != "done?" {
+		t.Fatalf("got frame %d %q, want the pong", op, p)
+	}
+	if r := d.publish(ch.PublisherToken, "live"); r.Subscribers != 1 || r.Queued {
+		t.Fatalf("publish with a subscriber: %+v", r)
+	}
+	first.expectText("live")
+	second := d.dial(ch.SubscriberToken)
+	second.expectText("early 3")
+	second.expectText("early 4")
+	d.publish(ch.PublisherToken, "for both")
+	second.expectText("for both")
+	first.expectText("for both")
+}
+
+// TestResumeLeavesWhatItDidNotTakeForTheNextSubscriber: an EventSource that
+// resumes takes what came after its Last-Event-ID, delivered or not, and
+// only that: what was kept before that id waits for the next new
+// subscriber, as if the resume had not been.
+func TestResumeLeavesWhatItDidNotTakeForTheNextSubscriber(t *testing.T) {
+	d := startDaemon(t)
+	ch := d.prepare("")
+	for i := range 2 {
+		d.publish(ch.PublisherToken, fmt.Sprint("early ", i))
+	}
+	// An id beyond every message of the channel (a client's own, or one
+	// from another daemon): nothing after it to resume.
+	ahead := d.sse(ch.SubscriberToken, "18446744073709551615")
+	if r := d.publish(ch.PublisherToken, "live"); r.Subscribers != 1 || r.Queued {
+		t.Fatalf("publish with a subscriber: %+v", r)
+	}
+	live := ahead.message()
+	if live.data != "live" {
+		t.Fatalf("resumed ahead with %+v, want live", live)
+	}
+	ahead.conn.Close()
+	waitFor(t, "the SSE subscriber to leave", func() bool { return d.listeners(ch.PublisherToken) == 0 })
+	d.publish(ch.PublisherToken, "missed")
+	behind := d.sse(ch.SubscriberToken, live.id) // takes what came after live
+	if ev := behind.message(); ev.data != "missed" {
+		t.Fatalf("resumed after live with %+v, want missed", ev)
+	}
+	behind.conn.Close()
+	waitFor(t, "the SSE subscriber to leave", func() bool { return d.listeners(ch.PublisherToken) == 0 })
+	d.publish(ch.PublisherToken, "late")
+	c := d.dial(ch.SubscriberToken)
+	for _, want := range []string{"early 0", "early 1", "late"} {
+		c.expectText(want)
+	}
+	d.publish(ch.PublisherToken, "after")
+	c.expectText("after") // nothing twice
+}
+
 func TestBacklogIsBoundedAndExpires(t *testing.T) {
 	t.Run("bounded", func(t *testing.T) {
 		d := startDaemon(t, "-backlog", "2")
@@ -5545,6 +5614,24 @@ func TestRedisIdleNodeWritesNothing(t *testing.T) {
 	}
 }
 
+// TestRedisJoinForgetsDeadNodes: nodes killed with -9 while no node had a
+// subscriber to refresh its presence with leave their entries in P:nodes;
+// the next join anywhere removes them, so the set does not grow with the
+// nodes that came and went.
+func TestRedisJoinForgetsDeadNodes(t *testing.T) {
+	rs := startRedis(t)
+	a := startNode(t, rs.url())
+	ch := a.prepare("")
+	past := time.Now().Add(-2 * nodeTTL).UnixMilli()
+	for i := range 100 { // each expired more than a node's TTL ago
+		rs.do("ZADD", "gockets:nodes", past-int64(i), fmt.Sprint("dead-", i))
+	}
+	a.dial(ch.SubscriberToken) // joined when the upgrade is answered
+	if n := rs.do("ZCARD", "gockets:nodes"); n != int64(1) {
+		t.Errorf("after a join P:nodes holds %v nodes, want 1 (the live one)", n)
+	}
+}
+
 func TestRedisListReadsAPageAtATime(t *testing.T) {
 	rs := startRedis(t)
 	a, b := startNode(t, rs.url()), startNode(t, rs.url())
@@ -5794,6 +5881,8 @@ func TestRedisPassesTheOneNodeTests(t *testing.T) {
 		{"SlowSubscriberIsDroppedOthersGetEverything", TestSlowSubscriberIsDroppedOthersGetEverything},
 		{"MessagesWaitForTheNextSubscriber", TestMessagesWaitForTheNextSubscriber},
 		{"BacklogLongerThanTheSendQueueWaits", TestBacklogLongerThanTheSendQueueWaits},
+		{"BacklogTheSendQueueLeftWaitsPastLivePublishes", TestBacklogTheSendQueueLeftWaitsPastLivePublishes},
+		{"ResumeLeavesWhatItDidNotTakeForTheNextSubscriber", TestResumeLeavesWhatItDidNotTakeForTheNextSubscriber},
 		{"SSEResumesFromLastEventID", TestSSEResumesFromLastEventID},
 		{"BinaryMessagesBothWays", TestBinaryMessagesBothWays},
 		{"PresenceEventsOncePerChange", TestPresenceEventsOncePerChange},
