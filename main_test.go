@@ -3937,7 +3937,7 @@ func BenchmarkPublish(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for range b.N {
-				h.publish(ch, newMessage(body, false, time.Now()))
+				h.publish(ch, newMessage(body, false, time.Now()), nil)
 			}
 			for h.stats.delivered.Load() < int64(n*b.N) {
 				runtime.Gosched()
@@ -4120,7 +4120,7 @@ func TestSlowSubscriberIsCountedOnceUnderConcurrentPublishes(t *testing.T) {
 	d.hub.join(c, stuck, false, 0)
 	var wg sync.WaitGroup
 	for range 16 {
-		wg.Go(func() { d.hub.publish(c, textMessage([]byte("m"))) })
+		wg.Go(func() { d.hub.publish(c, textMessage([]byte("m")), nil) })
 	}
 	wg.Wait()
 	if n := d.hub.stats.slowDisconnects.Load(); n != 1 {
@@ -4594,7 +4594,7 @@ func TestOfferClaimsOnlyASubscriberWithNothingUnderWay(t *testing.T) {
 			s.out = &frameBatch{}
 			tc.state(s)
 			queued := len(s.queue)
-			if got := s.offer(m); got != tc.want {
+			if got := s.offer(m, nil); got != tc.want {
 				t.Fatalf("offer: %d, want %d (claimed %d, enqueued %d, full %d)", got, tc.want, claimed, enqueued, full)
 			}
 			if tc.want == claimed && !s.busy {
@@ -5377,6 +5377,64 @@ func TestRedisLostAnnouncementsAreFilledFromTheStream(t *testing.T) {
 	}
 	a.publish(ch.PublisherToken, "last")
 	sub.expectText("last")
+}
+
+// A burst of announcements that a node reads from Redis at once reaches a
+// subscriber whole and in order, in a few writes rather than one per
+// message: the subscriber's writer sends what the burst queued together.
+func TestRedisBurstOfAnnouncementsGoesOutInFewWrites(t *testing.T) {
+	rs := startRedis(t)
+	p := startProcess(t, "-redis", rs.url())
+	ch := p.prepare("")
+	sub := p.dial(ch.SubscriberToken)
+	p.publish(ch.PublisherToken, "first") // the node follows the channel now
+	sub.expectText("first")
+	// 50 publishes in one write to Redis: it runs them in one go and sends
+	// their 50 announcements to the node in one write.
+	const n = 50
+	var burst []byte
+	for i := range n {
+		burst = appendCommand(burst, "EVALSHA", publishScript.sha, 0, "gockets:", ch.PublisherToken, fmt.Sprint(i), "0", 100, 60000)
+	}
+	writes := func() int {
+		counts, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", p.cmd.Process.Pid))
+		if err != nil {
+			t.Fatalf("read the daemon's write count: %v", err)
+		}
+		_, rest, _ := strings.Cut(string(counts), "syscw: ")
+		count, _, _ := strings.Cut(rest, "\n")
+		w, err := strconv.Atoi(count)
+		if err != nil {
+			t.Fatalf("no write count in /proc/PID/io:\n%s", counts)
+		}
+		return w
+	}
+	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", rs.port), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(waitTimeout))
+	before := writes()
+	if _, err := conn.Write(burst); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(conn)
+	for i := range n {
+		if reply, err := readReply(br); err != nil || reply != int64(1) {
+			t.Fatalf("publish %d through redis answered %v, %v; want 1 subscriber", i, reply, err)
+		}
+	}
+	for i := range n {
+		sub.expectText(fmt.Sprint(i))
+	}
+	// A node makes a few writes of its own meanwhile (a PING on its Pub/Sub
+	// connection, its presence in Redis, each once a second).
+	w := writes() - before
+	t.Logf("%d writes for %d messages", w, n)
+	if w > n/5 {
+		t.Errorf("the daemon made %d writes for a burst of %d messages to one subscriber; want at most %d", w, n, n/5)
+	}
 }
 
 func TestRedisOverTLS(t *testing.T) {
