@@ -5556,7 +5556,20 @@ func listen(cfg config, srv *http.Server) (net.Listener, error) {
 	// send heartbeats, which find a vanished peer sooner, and admin
 	// connections end after -idle-timeout. It would cost four system calls
 	// per connection and find nothing.
-	lc := net.ListenConfig{KeepAlive: -1}
+	// The send buffer is capped on the listener: accepted connections
+	// inherit it, with no system call of their own.
+	lc := net.ListenConfig{KeepAlive: -1, Control: func(_, _ string, c syscall.RawConn) error {
+		var err error
+		if cerr := c.Control(func(fd uintptr) {
+			err = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, sendBufferBytes)
+		}); cerr != nil {
+			return cerr
+		}
+		if err != nil {
+			return fmt.Errorf("set send buffer: %w", err)
+		}
+		return nil
+	}}
 	ln, err := lc.Listen(context.Background(), "tcp", net.JoinHostPort(cfg.bind, strconv.Itoa(cfg.port)))
 	if err != nil {
 		return nil, fmt.Errorf("listen: %w", err)
@@ -5582,24 +5595,8 @@ func newServer(cfg config, h *hub, log *slog.Logger) *http.Server {
 		IdleTimeout:       cfg.idleTimeout,
 		MaxHeaderBytes:    cfg.maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn), // "too many open files" matters
-		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
-			if err := limitSendBuffer(c); err != nil {
-				log.Debug("set send buffer", "err", err)
-			}
-			return h.requests.connContext(ctx, c)
-		},
+		ConnContext:       h.requests.connContext,
 	}
-}
-
-// limitSendBuffer sets a TCP connection's send buffer to sendBufferBytes.
-func limitSendBuffer(c net.Conn) error {
-	if tc, ok := c.(interface{ NetConn() net.Conn }); ok { // TLS
-		c = tc.NetConn()
-	}
-	if tcp, ok := c.(*net.TCPConn); ok {
-		return tcp.SetWriteBuffer(sendBufferBytes)
-	}
-	return nil
 }
 
 // shutdown closes every subscriber with 1001, lets in-flight requests and

@@ -96,6 +96,13 @@ func startDaemonWith(t testing.TB, tweak func(*config), args ...string) *daemon 
 	}
 	srv := httptest.NewUnstartedServer(h)
 	srv.Config = newServer(cfg, h, h.log)
+	// Our own listener, which sets what accepted connections inherit.
+	srv.Listener.Close()
+	plain := cfg
+	plain.bind, plain.port, plain.tlsCert = "127.0.0.1", 0, ""
+	if srv.Listener, err = listen(plain, srv.Config); err != nil {
+		t.Fatalf("listen: %v", err)
+	}
 	srv.Start()
 	h.start()
 	var once sync.Once
@@ -3903,6 +3910,36 @@ func BenchmarkWebSocketFrame(b *testing.B) {
 			}
 		}
 	})
+}
+
+func TestSubscriberConnectionHasTheCappedSendBuffer(t *testing.T) {
+	d := startDaemon(t)
+	ch := d.prepare("")
+	d.dial(ch.SubscriberToken)
+	var out *frameBatch
+	waitFor(t, "the subscriber to start", func() bool {
+		c := d.hub.bySubscriberToken(ch.SubscriberToken)
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if len(c.subscribers) == 0 {
+			return false
+		}
+		s := c.subscribers[0]
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		out = s.out
+		return out != nil
+	})
+	var size int
+	var err error
+	if cerr := out.raw.Control(func(fd uintptr) {
+		size, err = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF)
+	}); cerr != nil || err != nil {
+		t.Fatalf("get send buffer: %v %v", cerr, err)
+	}
+	if size != 2*sendBufferBytes { // Linux doubles what was set, for its bookkeeping
+		t.Errorf("send buffer of a subscriber's connection: %d bytes, want %d", size, 2*sendBufferBytes)
+	}
 }
 
 // BenchmarkConnect is one WebSocket subscriber connecting over loopback:
