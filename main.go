@@ -5279,8 +5279,9 @@ type upgrade struct {
 }
 
 func (u *upgrade) handshake(cfg *websocket.Config, req *http.Request) error {
-	req.Header, req.URL = nil, nil // read by now, and x/net keeps req
-	cfg.Location = nil             // x/net's parse of the URL, which we never ask for
+	// Read by now, and x/net keeps them: req (whose method is a piece of
+	// the request line, the line then kept whole) and its parse of the URL.
+	*req, cfg.Location = http.Request{}, nil
 	// x/net refuses a client that offers more than one subprotocol;
 	// take its first, as a server that knows none may. x/net keeps
 	// the empty names of "a, ,b": they are no choice.
