@@ -752,6 +752,24 @@ func (h *hub) start() {
 	}
 }
 
+// discard lets go of what newHub holds for a hub that will never start (the
+// listen failed): the state file's lock and journal, the Redis connection
+// made to check the URL.
+func (h *hub) discard() {
+	h.cancelHooks()
+	if h.store != nil {
+		if err := errors.Join(h.store.journal.Close(), h.store.lock.Close()); err != nil {
+			h.log.Warn("close state files", "err", err)
+		}
+	}
+	if r, ok := h.engine.(*redisEngine); ok {
+		r.cancel()
+		if r.first != nil {
+			r.first.Close()
+		}
+	}
+}
+
 // stop ends the janitor and the store; the store writes its last snapshot.
 func (h *hub) stop() {
 	close(h.quit)
@@ -1958,6 +1976,10 @@ const (
 	// for a node to fill a gap after a short outage, even with -backlog 0.
 	streamMinLength = 100
 	streamMinTTL    = time.Minute
+	// redisListPage is how many channels one call of the list script reads:
+	// each costs a lookup per live node, and Redis runs nothing else
+	// meanwhile.
+	redisListPage = 100
 	// RESP limits: a reply bigger or deeper than these is a broken stream.
 	respMaxBulk  = 512 << 20 // Redis's own proto-max-bulk-len
 	respMaxArray = 1 << 24
@@ -2606,14 +2628,17 @@ return 1`)
 	// ARGV: P, pub.
 	showScript = newScript(`return view(ARGV[2], now_ms())`)
 
-	// ARGV: P. Every channel, oldest first.
+	// ARGV: P, after, count. The next count channels prepared after number
+	// after, oldest first: {number of the last one, views, how many it
+	// read}. Fewer than count read: the list ends there.
 	listScript = newScript(`
 local now, out = now_ms(), {}
-for _, pub in ipairs(redis.call('ZRANGE', P .. 'channels', 0, -1)) do
-  local v = view(pub, now)
+local page = redis.call('ZRANGEBYSCORE', P .. 'channels', '(' .. ARGV[2], '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[3])
+for i = 1, #page, 2 do
+  local v = view(page[i], now)
   if v then out[#out + 1] = v end
 end
-return out`)
+return {page[#page] or ARGV[2], out, #page / 2}`)
 
 	// ARGV: P, pub, set hook, hook ('' clears it), set tag, tag. Nodes
 	// learn the new hook URL from the announcement.
@@ -2674,10 +2699,12 @@ return {pub, f[1], f[2]}`)
 
 	// ARGV: P, pub, node, this node's subscribers of the channel (the
 	// joining one included), node TTL (ms), 'new' or 'resume', the id to
-	// resume after, backlog, backlog TTL (ms). It counts the subscriber
-	// before any later publish, hands it the messages waiting (new: those
-	// after handed; resume: those after its id), newest first, and marks
-	// them handed. Returns {last id, entries}, or nil.
+	// resume after, backlog, backlog TTL (ms), room in the subscriber's
+	// queue. It counts the subscriber before any later publish, hands it the
+	// messages waiting (new: those after handed; resume: those after its
+	// id), newest first, and marks them handed. As on one node, what does
+	// not fit in its queue (the newest) waits for the next subscriber.
+	// Returns {last id, entries}, or nil.
 	joinScript = newScript(`
 local ch = P .. 'ch:' .. ARGV[2]
 if redis.call('EXISTS', ch) == 0 then return false end
@@ -2697,8 +2724,19 @@ if tonumber(ARGV[8]) > 0 and from ~= last then
     kept[#kept + 1] = e
   end
 end
-redis.call('HSET', ch, 'handed', last)
-return {last, kept}`)
+local room = tonumber(ARGV[10])
+if #kept <= room then
+  redis.call('HSET', ch, 'handed', last)
+  return {last, kept}
+end
+local fits = {unpack(kept, #kept - room + 1)}
+local newest = fits[1][1]
+local handed = redis.call('HGET', ch, 'handed') or '0-0'
+local nm, ns = string.match(newest, '^(%d+)-(%d+)$')
+local hm, hs = string.match(handed, '^(%d+)-(%d+)$')
+nm, ns, hm, hs = tonumber(nm), tonumber(ns), tonumber(hm), tonumber(hs)
+if nm > hm or nm == hm and ns > hs then redis.call('HSET', ch, 'handed', newest) end
+return {last, fits}`)
 
 	// ARGV: P, node, node TTL (ms). Returns 0 when the node's counts are
 	// gone (Redis lost them, or this node was away longer than its TTL).
@@ -2708,10 +2746,15 @@ redis.call('ZADD', P .. 'nodes', now + ttl, ARGV[2])
 redis.call('ZREMRANGEBYSCORE', P .. 'nodes', '-inf', now - ttl)
 return redis.call('PEXPIRE', P .. 'node:' .. ARGV[2], ttl)`)
 
-	// ARGV: P, node, node TTL (ms), then pairs of pub and count.
+	// ARGV: P, node, node TTL (ms), then pairs of pub and count. A node
+	// with nothing to count leaves P:nodes until a join brings it back.
 	rewriteScript = newScript(`
 local node, ttl = P .. 'node:' .. ARGV[2], tonumber(ARGV[3])
 redis.call('DEL', node)
+if #ARGV < 4 then
+  redis.call('ZREM', P .. 'nodes', ARGV[2])
+  return 1
+end
 for i = 4, #ARGV - 1, 2 do redis.call('HSET', node, ARGV[i], ARGV[i + 1]) end
 redis.call('PEXPIRE', node, ttl)
 redis.call('ZADD', P .. 'nodes', now_ms() + ttl, ARGV[2])
@@ -2909,23 +2952,35 @@ func (r *redisEngine) show(_ context.Context, token string) (channelJSON, error)
 	return viewOf(reply)
 }
 
+// list reads the channels a page at a time, so that no call holds Redis
+// for every channel; like one node's, the list is not a snapshot: a
+// channel prepared or deleted meanwhile may or may not be in it.
 func (r *redisEngine) list(_ context.Context, match *regexp.Regexp) ([]channelJSON, error) {
-	reply, err := r.eval(listScript, r.prefix)
-	if err != nil {
-		return nil, err
-	}
-	items, _ := reply.([]any)
 	list := []channelJSON{}
-	for _, item := range items {
-		view, err := viewOf(item)
+	for after := "0"; ; {
+		reply, err := r.eval(listScript, r.prefix, after, redisListPage)
 		if err != nil {
 			return nil, err
 		}
-		if match == nil || view.Tag != nil && match.MatchString(*view.Tag) {
-			list = append(list, view)
+		f, ok := reply.([]any)
+		if !ok || len(f) != 3 {
+			return nil, fmt.Errorf("redis: unexpected page of channels %v", reply)
 		}
+		items, _ := f[1].([]any)
+		for _, item := range items {
+			view, err := viewOf(item)
+			if err != nil {
+				return nil, err
+			}
+			if match == nil || view.Tag != nil && match.MatchString(*view.Tag) {
+				list = append(list, view)
+			}
+		}
+		if read, _ := f[2].(int64); read < redisListPage {
+			return list, nil
+		}
+		after = replyString(f[0])
 	}
-	return list, nil
 }
 
 func (r *redisEngine) edit(_ context.Context, token string, opts channelOptions) (channelJSON, error) {
@@ -3025,7 +3080,7 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 	}
 	args := func() []any {
 		return []any{r.prefix, ch.publisherToken, r.node, len(ch.subscribers) + sh.joining, nodeTTL.Milliseconds(),
-			mode, from, r.backlog, r.backlogTTL.Milliseconds()}
+			mode, from, r.backlog, r.backlogTTL.Milliseconds(), r.h.cfg.sendQueue} // s is new: its queue is empty
 	}
 	ch.mu.Lock()
 	sh.joining++
@@ -3068,13 +3123,22 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 			if !sh.following {
 				sh.following, sh.cursor = true, last
 			}
+			full := false
 			for _, m := range kept {
-				s.enqueue(m)
+				if full = !s.enqueue(m); full {
+					break
+				}
 			}
 			joined := r.h.join(ch, s, false, 0)
 			behind := sh.seen > sh.cursor
 			target := sh.seen
 			sh.mu.Unlock()
+			if full && joined { // handed, not queued: too slow, as when a publish finds its queue full
+				s.log().Warn("subscriber too slow: disconnected", "queued", r.h.cfg.sendQueue)
+				r.h.stats.slowDisconnects.Add(1)
+				s.stop(farewell{closePolicyViolation, "too slow: send queue full", false})
+				return joined
+			}
 			if behind { // announced before this node followed the channel
 				if err := r.catchUp(ch, target); err != nil {
 					s.log().Warn("catching up with the channel failed", "err", err)
@@ -3165,8 +3229,10 @@ func (r *redisEngine) countsLost() {
 	}
 }
 
-// presence keeps this node alive in Redis, writes its counts again when
-// Redis lost them, and forgets channels without subscribers here.
+// presence keeps this node alive in Redis while it has subscribers to
+// count, writes its counts again when Redis lost them, and forgets channels
+// without subscribers here. A node with nothing to count writes nothing:
+// its next join puts it back in P:nodes.
 func (r *redisEngine) presence() {
 	t := time.NewTicker(presenceInterval)
 	defer t.Stop()
@@ -3176,21 +3242,25 @@ func (r *redisEngine) presence() {
 			return
 		case <-t.C:
 		}
+		if !r.forgetIdle() {
+			continue
+		}
 		if reply, err := r.eval(refreshScript, r.prefix, r.node, nodeTTL.Milliseconds()); err == nil && reply == int64(0) {
 			r.countsLost()
 		}
-		r.forgetIdle()
 	}
 }
 
 // forgetIdle drops this node's copy of the channels that have had no
-// subscriber here for localIdleRounds rounds.
-func (r *redisEngine) forgetIdle() {
+// subscriber here for localIdleRounds rounds, and says whether Redis holds
+// a count of this node's (it was sent, if not yet applied).
+func (r *redisEngine) forgetIdle() (counting bool) {
 	h := r.h
 	for _, ch := range h.all() {
 		h.mu.Lock()
 		ch.mu.Lock()
 		if sh := ch.shared; sh != nil && h.byPublisher[ch.publisherToken] == ch {
+			counting = counting || sh.sent > 0
 			if len(ch.subscribers) > 0 || sh.joining > 0 || ch.connected > 0 {
 				sh.idle = 0
 			} else if sh.idle++; sh.idle >= localIdleRounds {
@@ -3202,6 +3272,7 @@ func (r *redisEngine) forgetIdle() {
 		ch.mu.Unlock()
 		h.mu.Unlock()
 	}
+	return counting
 }
 
 // streamID is the Redis stream id of a message id: ms<<20 | seq.
@@ -5517,6 +5588,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	srv := newServer(cfg, h, log)
 	ln, err := listen(cfg, srv)
 	if err != nil {
+		h.discard()
 		return err
 	}
 	h.start()

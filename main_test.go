@@ -2048,6 +2048,29 @@ func TestMessagesWaitForTheNextSubscriber(t *testing.T) {
 	}
 }
 
+// TestBacklogLongerThanTheSendQueueWaits: what a new subscriber's queue
+// cannot take of the backlog (the newest) waits for the next subscriber.
+func TestBacklogLongerThanTheSendQueueWaits(t *testing.T) {
+	d := startDaemonWith(t, func(c *config) { c.sendQueue = 3 })
+	ch := d.prepare("")
+	for i := range 7 {
+		if r := d.publish(ch.PublisherToken, fmt.Sprint("early ", i)); !r.Queued {
+			t.Fatalf("publish before any subscriber: %+v, want queued", r)
+		}
+	}
+	var subs []*wsClient
+	for range 4 {
+		subs = append(subs, d.dial(ch.SubscriberToken)) // joined when the upgrade is answered
+	}
+	d.mustCall("DELETE", "/channel/publish/"+ch.PublisherToken, "", 200, nil) // what is queued goes first
+	for i, want := range [][]int{{0, 1, 2}, {3, 4, 5}, {6}, {}} {
+		for _, n := range want {
+			subs[i].expectText(fmt.Sprint("early ", n))
+		}
+		subs[i].expectClose(1000)
+	}
+}
+
 func TestBacklogIsBoundedAndExpires(t *testing.T) {
 	t.Run("bounded", func(t *testing.T) {
 		d := startDaemon(t, "-backlog", "2")
@@ -2355,6 +2378,19 @@ func TestCorruptStateStopsTheDaemon(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestListenFailureReleasesTheStateFile(t *testing.T) {
+	state := filepath.Join(t.TempDir(), "state.json")
+	err := run(context.Background(), []string{"-bind", "127.0.0.1", "-port", takenPort(t), "-state-file", state},
+		func(string) string { return "" }, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "listen: ") {
+		t.Fatalf("run on a taken port: %v", err)
+	}
+	// The daemon started again on a free port (systemd restarting it, say)
+	// finds the state file unlocked.
+	addr, _, _ := runDaemon(t, "-state-file", state)
+	(&daemon{t: t, url: "http://" + addr}).prepare("")
 }
 
 func TestMissingStateStartsEmptyAndTornJournalLineIsIgnored(t *testing.T) {
@@ -5524,6 +5560,180 @@ func TestRedisMemoryStaysBounded(t *testing.T) {
 	})
 }
 
+// takenPort is a port of 127.0.0.1 that a listener of the test holds.
+func takenPort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+}
+
+// clients is how many connections Redis has, the one asking included.
+func (rs *redisServer) clients() int {
+	rs.t.Helper()
+	return strings.Count(string(rs.do("CLIENT", "LIST").([]byte)), "\n")
+}
+
+func TestRedisListenFailureLeavesNoConnection(t *testing.T) {
+	rs := startRedis(t)
+	err := run(context.Background(), []string{"-bind", "127.0.0.1", "-port", takenPort(t), "-redis", rs.url()},
+		func(string) string { return "" }, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "listen: ") || exitStatus(err) != 1 {
+		t.Fatalf("run on a taken port: %v (exit %d)", err, exitStatus(err))
+	}
+	// run has returned: the connection it made is closed already, and
+	// Redis sees that at once (well before a garbage collection might).
+	deadline := time.Now().Add(time.Second)
+	for n := rs.clients(); n != 1; n = rs.clients() {
+		if time.Now().After(deadline) {
+			t.Fatalf("Redis has %d connections after run returned, want 1 (this one)", n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// monitor returns the commands Redis runs while during runs, Lua's
+// included, as MONITOR shows them: one line each, the command in quotes.
+func (rs *redisServer) monitor(during func()) []string {
+	rs.t.Helper()
+	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", rs.port), time.Second)
+	if err != nil {
+		rs.t.Fatal(err)
+	}
+	defer conn.Close()
+	br := bufio.NewReader(conn)
+	if _, err := conn.Write(appendCommand(nil, "MONITOR")); err != nil {
+		rs.t.Fatal(err)
+	}
+	conn.SetReadDeadline(time.Now().Add(waitTimeout))
+	if reply, err := readReply(br); err != nil || replyString(reply) != "OK" {
+		rs.t.Fatalf("MONITOR: %v %v", reply, err)
+	}
+	during()
+	const end = "end of the monitored commands"
+	rs.do("ECHO", end) // Redis shows it after everything during ran
+	var lines []string
+	conn.SetReadDeadline(time.Now().Add(waitTimeout))
+	for {
+		reply, err := readReply(br)
+		if err != nil {
+			rs.t.Fatalf("MONITOR: %v", err)
+		}
+		line := replyString(reply)
+		if strings.HasSuffix(line, `"ECHO" "`+end+`"`) {
+			return lines
+		}
+		lines = append(lines, line)
+	}
+}
+
+func TestRedisIdleNodeWritesNothing(t *testing.T) {
+	rs := startRedis(t)
+	a := startNode(t, rs.url())
+	ch := a.prepare("")
+	sub := a.dial(ch.SubscriberToken)
+	sub.send(true, websocket.CloseFrame, closePayload(1000))
+	sub.expectClose(1000)
+	waitFor(t, "the count to drop", func() bool { return a.listeners(ch.PublisherToken) == 0 })
+	// A node with no subscriber left has nothing to keep alive in Redis:
+	// over several presence rounds it only probes its Pub/Sub connection.
+	for _, line := range rs.monitor(func() { time.Sleep(3*presenceInterval + presenceInterval/2) }) {
+		if !strings.HasSuffix(line, ` "PING"`) {
+			t.Errorf("an idle node ran %s", line)
+		}
+	}
+	if keys := rs.keys("gockets:node:*"); len(keys) != 0 {
+		t.Errorf("an idle node left %q", keys)
+	}
+}
+
+func TestRedisListReadsAPageAtATime(t *testing.T) {
+	rs := startRedis(t)
+	a, b := startNode(t, rs.url()), startNode(t, rs.url())
+	const n = 2*redisListPage + redisListPage/2
+	var all, tagged []string
+	for i := range n {
+		body := ""
+		if i%3 == 0 {
+			body = fmt.Sprintf(`{"tag": "room-%d"}`, i)
+		}
+		ch := a.prepare(body)
+		if i == n-1 { // counted on every node alike
+			b.dial(ch.SubscriberToken)
+			ch.Listeners = 1
+		}
+		all = append(all, strings.TrimSuffix(channelBody(ch), "\n"))
+		if ch.Tag != nil {
+			tagged = append(tagged, strings.TrimSuffix(channelBody(ch), "\n"))
+		}
+	}
+	deleted := a.prepare("")
+	a.mustCall("DELETE", "/channel/publish/"+deleted.PublisherToken, "", 200, nil)
+	want := `{"channels":[` + strings.Join(all, ",") + "]}\n"
+	wantTagged := `{"channels":[` + strings.Join(tagged, ",") + "]}\n"
+	lines := rs.monitor(func() {
+		for _, d := range []*daemon{a, b} {
+			if got := d.mustCall("GET", "/channel", "", 200, nil); got != want {
+				t.Errorf("list on %s:\n got %s\nwant %s", d.url, got, want)
+			}
+			if got := d.mustCall("GET", "/channel/show?search=^room-", "", 200, nil); got != wantTagged {
+				t.Errorf("search on %s:\n got %s\nwant %s", d.url, got, wantTagged)
+			}
+		}
+	})
+	// Each call of the list script reads at most a page: each of the 4
+	// lists of 250 channels takes 3 calls.
+	calls, views := 0, 0
+	for _, line := range lines {
+		switch {
+		case strings.Contains(line, `"EVALSHA" "`+listScript.sha+`"`):
+			calls++
+			views = 0
+		case strings.Contains(line, `"HMGET"`):
+			if views++; views > redisListPage {
+				t.Fatalf("a call of the list script read more than %d channels", redisListPage)
+			}
+		}
+	}
+	if calls != 4*3 {
+		t.Errorf("4 lists took %d calls of the list script, want 12", calls)
+	}
+}
+
+// TestRedisJoinThatCannotQueueWhatItTookIsSlow: a message the join took
+// from Redis (marked handed there) and could not queue would be lost to the
+// subscriber in silence; it is closed as too slow instead, as when a
+// publish finds its queue full.
+func TestRedisJoinThatCannotQueueWhatItTookIsSlow(t *testing.T) {
+	rs := startRedis(t)
+	d := startDaemonWith(t, nil, "-redis", rs.url(), "-log-level", "2")
+	ch := d.prepare("")
+	for i := range 3 {
+		d.publish(ch.PublisherToken, fmt.Sprint("early ", i))
+	}
+	c, err := d.hub.engine.find(context.Background(), ch.SubscriberToken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := d.hub.newSubscriber(c, "websocket")
+	s.queue = make([]*message, d.hub.cfg.sendQueue-1) // room for one of the three
+	if !d.hub.engine.join(c, s, false, 0) {
+		t.Fatal("join refused")
+	}
+	s.mu.Lock()
+	bye := s.bye
+	s.mu.Unlock()
+	if bye.code != closePolicyViolation || d.hub.stats.slowDisconnects.Load() != 1 {
+		t.Errorf("farewell %+v, %d slow disconnects; want 1008 and 1", bye, d.hub.stats.slowDisconnects.Load())
+	}
+	if n := d.listeners(ch.PublisherToken); n != 0 {
+		t.Errorf("listeners %d", n)
+	}
+}
+
 func TestRedisFlags(t *testing.T) {
 	for _, tc := range []struct {
 		args []string
@@ -5688,6 +5898,7 @@ func TestRedisPassesTheOneNodeTests(t *testing.T) {
 		{"BodiesAreLimited", TestBodiesAreLimited},
 		{"SlowSubscriberIsDroppedOthersGetEverything", TestSlowSubscriberIsDroppedOthersGetEverything},
 		{"MessagesWaitForTheNextSubscriber", TestMessagesWaitForTheNextSubscriber},
+		{"BacklogLongerThanTheSendQueueWaits", TestBacklogLongerThanTheSendQueueWaits},
 		{"SSEResumesFromLastEventID", TestSSEResumesFromLastEventID},
 		{"BinaryMessagesBothWays", TestBinaryMessagesBothWays},
 		{"PresenceEventsOncePerChange", TestPresenceEventsOncePerChange},
