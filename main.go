@@ -5036,11 +5036,17 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// prepare is a literal under the /channel/{publisher_token} wildcard:
 	// "GET /channel/prepare" is a wrong method, not a token.
 	if r.URL.Path == "/channel/prepare" && r.Method != http.MethodPost {
-		w.Header().Set("Allow", http.MethodPost)
-		reply(w, http.StatusMethodNotAllowed, "ERR", "method "+r.Method+" is not allowed here; allowed: POST")
+		prepareNeedsPost(w, r)
 		return
 	}
 	h.mux.ServeHTTP(&routeErrors{ResponseWriter: w, r: r}, r)
+}
+
+// prepareNeedsPost answers a GET (or other) of /channel/prepare. It is
+// apart from ServeHTTP, whose frame every upgrade's stack holds.
+func prepareNeedsPost(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Allow", http.MethodPost)
+	reply(w, http.StatusMethodNotAllowed, "ERR", "method "+r.Method+" is not allowed here; allowed: POST")
 }
 
 // routeErrors passes every reply through but the mux's own plain-text 404
@@ -5084,13 +5090,10 @@ func (e *routeErrors) Write(p []byte) (int, error) {
 	return e.ResponseWriter.Write(p)
 }
 
-// Unwrap lets http.ResponseController reach the connection (SSE); Hijack
-// is for x/net's websocket.Server, which asks for it directly.
+// Unwrap lets http.ResponseController reach the connection: to flush an
+// event stream, and to hijack for takeover without a call of its own (the
+// upgrade's deepest call then fits the handler's 4 KiB stack).
 func (e *routeErrors) Unwrap() http.ResponseWriter { return e.ResponseWriter }
-
-func (e *routeErrors) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	return http.NewResponseController(e.ResponseWriter).Hijack()
-}
 
 // admin guards a route. The Host lock is the original's and stays, but a
 // client picks its own Host header: the locks that hold are the address
@@ -5359,45 +5362,59 @@ func (h *hub) handleDelete(w http.ResponseWriter, r *http.Request) {
 // -allowed-origins and subscribers beyond the limits are refused before
 // any upgrade.
 func (h *hub) handleSubscribe(w http.ResponseWriter, r *http.Request) {
+	// The checks answer apart: this frame is on the stack of every upgrade.
+	ch, upgrade := h.checkSubscriber(w, r)
+	switch {
+	case ch == nil: // answered
+	case upgrade:
+		h.subscribeWebSocket(w, r, ch)
+	default:
+		h.subscribeSSE(w, r, ch)
+	}
+}
+
+// checkSubscriber admits a subscriber and returns its channel, and whether
+// it asks for a WebSocket rather than an event stream; or answers it and
+// returns nil.
+func (h *hub) checkSubscriber(w http.ResponseWriter, r *http.Request) (ch *channel, upgrade bool) {
 	origin := r.Header.Get("Origin")
 	if !h.cfg.allowedOrigins.allow(origin) {
 		if ok, suppressed := h.refusedOrigins.allow(time.Now(), refusalLogEvery); ok {
 			h.log.Warn("subscriber refused: origin not in -allowed-origins", "origin", origin, "refused_since_last_line", suppressed)
 		}
 		reply(w, http.StatusForbidden, "ERR", "origin "+origin+" may not subscribe (see -allowed-origins)")
-		return
+		return nil, false
 	}
 	ch, err := h.engine.find(r.Context(), r.PathValue("subscriber_token"))
 	if failed(w, err, "subscriber") {
-		return
+		return nil, false
 	}
 	if h.closing.Load() {
 		reply(w, http.StatusServiceUnavailable, "ERR", "shutting down")
-		return
+		return nil, false
 	}
-	upgrade := strings.EqualFold(r.Header.Get("Upgrade"), "websocket")
+	upgrade = strings.EqualFold(r.Header.Get("Upgrade"), "websocket")
 	stream := strings.Contains(r.Header.Get("Accept"), "text/event-stream")
 	switch {
 	case !upgrade && !stream:
 		reply(w, http.StatusBadRequest, "ERR", "expected a WebSocket upgrade, or Accept: text/event-stream")
-		return
+		return nil, false
+	case upgrade && r.ProtoMajor != 1:
+		reply(w, http.StatusHTTPVersionNotSupported, "ERR", "WebSocket needs HTTP/1.1")
+		return nil, false
 	case !upgrade && r.Method == http.MethodHead:
 		// A HEAD can receive no message: it gets the stream's headers,
 		// and neither takes the backlog nor counts as a listener.
 		setSSEHeaders(w, r)
 		w.WriteHeader(http.StatusOK)
-		return
+		return nil, false
 	}
 	if refusal := h.admit(ch); refusal != "" {
 		w.Header().Set("Connection", "close") // its file descriptor is what we lack
 		reply(w, http.StatusServiceUnavailable, "ERR", refusal)
-		return
+		return nil, false
 	}
-	if upgrade {
-		h.subscribeWebSocket(w, r, ch)
-	} else {
-		h.subscribeSSE(w, r, ch)
-	}
+	return ch, upgrade
 }
 
 // admit counts a subscriber connection against -max-subscribers and
@@ -5433,77 +5450,89 @@ func (h *hub) release(ch *channel) {
 	h.connections.Done()
 }
 
-// subscribeWebSocket upgrades. Our Handshake, unlike websocket.Handler's,
-// accepts clients without an Origin header (PHP, node, curl).
+// subscribeWebSocket upgrades.
 func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *channel) {
 	// Admitted before the hijack, while Shutdown still waits for this
 	// request; released by the subscriber's reader, or here if it never runs.
-	if r.ProtoMajor != 1 {
-		h.release(ch)
-		reply(w, http.StatusHTTPVersionNotSupported, "ERR", "WebSocket needs HTTP/1.1")
-		return
-	}
 	s := h.newSubscriber(ch, "websocket")
-	conn := &keptConn{}
-	out := &frameBatch{pool: &h.batches, arm: func() error { return s.armWrite(writeWait) }, disarm: s.disarmWrite}
-	joined := false
-	websocket.Server{
-		Handshake: func(cfg *websocket.Config, req *http.Request) error {
-			req.Header, req.URL = nil, nil // read by now, and x/net keeps req
-			// x/net refuses a client that offers more than one subprotocol;
-			// take its first, as a server that knows none may. x/net keeps
-			// the empty names of "a, ,b": they are no choice.
-			cfg.Protocol = slices.DeleteFunc(cfg.Protocol, func(p string) bool { return p == "" })
-			cfg.Protocol = cfg.Protocol[:min(len(cfg.Protocol), 1)]
-			// Joining before the 101 is sent makes listeners count a
-			// subscriber by the time it can see the upgrade. Between the
-			// lookup and here the channel may have gone (a 403 without body).
-			if joined = h.engine.join(ch, s, false, 0); !joined {
-				return errors.New("channel deleted or shutting down")
-			}
-			return nil
-		},
-		Handler: func(ws *websocket.Conn) {
-			conn.kept = true
-			s.serveWebSocket(ws, conn, out)
-		},
-	}.ServeHTTP(takeover{w, conn, out}, &http.Request{Method: r.Method, URL: r.URL, Header: r.Header, Host: r.Host, TLS: r.TLS})
-	if !conn.kept {
-		if joined { // the upgrade failed after the join
+	u := &upgrade{ResponseWriter: w, h: h, ch: ch, s: s, conn: &keptConn{},
+		req: http.Request{Method: r.Method, URL: r.URL, Header: r.Header, Host: r.Host, TLS: r.TLS}}
+	u.out = &frameBatch{pool: &h.batches, arm: func() error { return s.armWrite(writeWait) }, disarm: s.disarmWrite}
+	websocket.Server{Handshake: u.handshake, Handler: u.serve}.ServeHTTP(u, &u.req)
+	if !u.conn.kept {
+		if u.joined { // the upgrade failed after the join
 			h.engine.unjoin(ch, s)
 		}
 		h.release(ch)
 	}
 }
 
-// takeover is the ResponseWriter x/net/websocket hijacks. It hands x/net
-// small buffers instead of net/http's (whose reader it keeps only when that
-// holds bytes already read), a writer that flushes into the subscriber's
-// frameBatch, and the connection as a keptConn, so that nothing holds
-// net/http's connection and buffers once the handler returns.
-type takeover struct {
+// upgrade is one WebSocket upgrade, and the ResponseWriter x/net/websocket
+// hijacks. It hands x/net small buffers instead of net/http's (whose
+// reader it keeps only when that holds bytes already read), a writer that
+// flushes into the subscriber's frameBatch, and the connection as a
+// keptConn, so that nothing holds net/http's connection and buffers once
+// the handler returns. Its handshake, unlike websocket.Handler's, accepts
+// clients without an Origin header (PHP, node, curl).
+type upgrade struct {
 	http.ResponseWriter
-	conn *keptConn
-	out  *frameBatch
+	h      *hub
+	ch     *channel
+	s      *subscriber
+	conn   *keptConn
+	out    *frameBatch
+	joined bool
+	req    http.Request // what x/net reads the handshake from, and keeps
 }
 
-func (t takeover) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	conn, buf, err := http.NewResponseController(t.ResponseWriter).Hijack()
+func (u *upgrade) handshake(cfg *websocket.Config, req *http.Request) error {
+	// Read by now, and x/net keeps them: req (whose method is a piece of
+	// the request line, the line then kept whole) and its parse of the URL.
+	*req, cfg.Location = http.Request{}, nil
+	// x/net refuses a client that offers more than one subprotocol;
+	// take its first, as a server that knows none may. x/net keeps
+	// the empty names of "a, ,b": they are no choice.
+	cfg.Protocol = slices.DeleteFunc(cfg.Protocol, func(p string) bool { return p == "" })
+	cfg.Protocol = cfg.Protocol[:min(len(cfg.Protocol), 1)]
+	// Joining before the 101 is sent makes listeners count a
+	// subscriber by the time it can see the upgrade. Between the
+	// lookup and here the channel may have gone (a 403 without body).
+	if u.joined = u.h.engine.join(u.ch, u.s, false, 0); !u.joined {
+		return errors.New("channel deleted or shutting down")
+	}
+	return nil
+}
+
+func (u *upgrade) serve(ws *websocket.Conn) {
+	u.conn.kept = true
+	u.s.serveWebSocket(ws, u.conn, u.out)
+}
+
+// Hijack is the upgrade's deepest call: net/http's handler goroutine runs
+// it on a 4 KiB stack that must grow (a copy of it) when the call needs
+// more, so it hands what follows the hijack to take.
+func (u *upgrade) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, buf, err := http.NewResponseController(u.ResponseWriter).Hijack()
 	if err != nil {
 		return nil, nil, err
 	}
-	t.conn.Conn, t.out.conn = conn, conn
+	return u.take(conn, buf)
+}
+
+func (u *upgrade) take(conn net.Conn, buf *bufio.ReadWriter) (_ net.Conn, _ *bufio.ReadWriter, err error) {
+	u.ResponseWriter = nil // net/http's, which x/net's req would keep (u.req)
+	u.conn.Conn, u.out.conn = conn, conn
 	if tcp, ok := conn.(*net.TCPConn); ok {
-		if t.out.raw, err = tcp.SyscallConn(); err != nil {
+		if u.out.raw, err = tcp.SyscallConn(); err != nil {
 			conn.Close()
 			return nil, nil, fmt.Errorf("raw connection: %w", err)
 		}
 	}
-	t.conn.in = buf.Reader
-	if t.conn.in.Buffered() == 0 {
-		t.conn.in = bufio.NewReaderSize(conn, wsBufferSize)
+	u.conn.in = buf.Reader
+	if u.conn.in.Buffered() == 0 {
+		u.conn.in = bufio.NewReaderSize(conn, wsBufferSize)
 	}
-	return t.conn, bufio.NewReadWriter(t.conn.in, bufio.NewWriterSize(t.out, wsBufferSize)), nil
+	return u.conn, bufio.NewReadWriter(u.conn.in, bufio.NewWriterSize(u.out, wsBufferSize)), nil
 }
 
 // keptConn is the connection as x/net/websocket sees it. x/net closes it
@@ -5736,7 +5765,20 @@ func listen(cfg config, srv *http.Server) (net.Listener, error) {
 	// send heartbeats, which find a vanished peer sooner, and admin
 	// connections end after -idle-timeout. It would cost four system calls
 	// per connection and find nothing.
-	lc := net.ListenConfig{KeepAlive: -1}
+	// The send buffer is capped on the listener: accepted connections
+	// inherit it, with no system call of their own.
+	lc := net.ListenConfig{KeepAlive: -1, Control: func(_, _ string, c syscall.RawConn) error {
+		var err error
+		if cerr := c.Control(func(fd uintptr) {
+			err = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, sendBufferBytes)
+		}); cerr != nil {
+			return cerr
+		}
+		if err != nil {
+			return fmt.Errorf("set send buffer: %w", err)
+		}
+		return nil
+	}}
 	ln, err := lc.Listen(context.Background(), "tcp", net.JoinHostPort(cfg.bind, strconv.Itoa(cfg.port)))
 	if err != nil {
 		return nil, fmt.Errorf("listen: %w", err)
@@ -5762,24 +5804,8 @@ func newServer(cfg config, h *hub, log *slog.Logger) *http.Server {
 		IdleTimeout:       cfg.idleTimeout,
 		MaxHeaderBytes:    cfg.maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn), // "too many open files" matters
-		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
-			if err := limitSendBuffer(c); err != nil {
-				log.Debug("set send buffer", "err", err)
-			}
-			return h.requests.connContext(ctx, c)
-		},
+		ConnContext:       h.requests.connContext,
 	}
-}
-
-// limitSendBuffer sets a TCP connection's send buffer to sendBufferBytes.
-func limitSendBuffer(c net.Conn) error {
-	if tc, ok := c.(interface{ NetConn() net.Conn }); ok { // TLS
-		c = tc.NetConn()
-	}
-	if tcp, ok := c.(*net.TCPConn); ok {
-		return tcp.SetWriteBuffer(sendBufferBytes)
-	}
-	return nil
 }
 
 // shutdown closes every subscriber with 1001, lets in-flight requests and

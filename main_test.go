@@ -96,6 +96,13 @@ func startDaemonWith(t testing.TB, tweak func(*config), args ...string) *daemon 
 	}
 	srv := httptest.NewUnstartedServer(h)
 	srv.Config = newServer(cfg, h, h.log)
+	// Our own listener, which sets what accepted connections inherit.
+	srv.Listener.Close()
+	plain := cfg
+	plain.bind, plain.port, plain.tlsCert = "127.0.0.1", 0, ""
+	if srv.Listener, err = listen(plain, srv.Config); err != nil {
+		t.Fatalf("listen: %v", err)
+	}
 	srv.Start()
 	h.start()
 	var once sync.Once
@@ -4010,6 +4017,106 @@ func BenchmarkWebSocketFrame(b *testing.B) {
 			}
 		}
 	})
+}
+
+func TestSubscriberConnectionHasTheCappedSendBuffer(t *testing.T) {
+	d := startDaemon(t)
+	ch := d.prepare("")
+	d.dial(ch.SubscriberToken)
+	var out *frameBatch
+	waitFor(t, "the subscriber to start", func() bool {
+		c := d.hub.bySubscriberToken(ch.SubscriberToken)
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if len(c.subscribers) == 0 {
+			return false
+		}
+		s := c.subscribers[0]
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		out = s.out
+		return out != nil
+	})
+	var size int
+	var err error
+	if cerr := out.raw.Control(func(fd uintptr) {
+		size, err = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF)
+	}); cerr != nil || err != nil {
+		t.Fatalf("get send buffer: %v %v", cerr, err)
+	}
+	if size != 2*sendBufferBytes { // Linux doubles what was set, for its bookkeeping
+		t.Errorf("send buffer of a subscriber's connection: %d bytes, want %d", size, 2*sendBufferBytes)
+	}
+}
+
+// BenchmarkConnect is one WebSocket subscriber connecting over loopback:
+// accept, the upgrade request, the 101, the subscriber's start. The client
+// writes a fixed request and reads the answer into a fixed buffer, so that
+// what is allocated is the daemon's. Subscribers stay connected, as idle
+// ones do, and are closed in rounds outside the timer. cpu-ns/op is the
+// process's CPU time (the daemon's and the client's) per connect, less
+// sensitive to a busy machine than the time.
+func BenchmarkConnect(b *testing.B) {
+	d := startDaemon(b, "-log-level", "2")
+	ch := d.prepare("")
+	u, _ := url.Parse(d.url)
+	request := []byte("GET /channel/subscribe/" + ch.SubscriberToken + " HTTP/1.1\r\nHost: " + u.Host +
+		"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+	const round = 1000
+	conns := make([]net.Conn, 0, round)
+	closeAll := func() {
+		for _, c := range conns {
+			c.Close()
+		}
+		conns = conns[:0]
+		deadline := time.Now().Add(waitTimeout)
+		for d.hub.connected.Load() != 0 && time.Now().Before(deadline) {
+			runtime.Gosched()
+		}
+	}
+	var answer [256]byte
+	cpu, paused := processCPU(b), time.Duration(0)
+	b.ReportAllocs()
+	for b.Loop() {
+		c, err := net.Dial("tcp", u.Host)
+		if err != nil {
+			b.Fatal(err)
+		}
+		conns = append(conns, c)
+		if _, err := c.Write(request); err != nil {
+			b.Fatal(err)
+		}
+		n := 0
+		for !bytes.HasSuffix(answer[:n], []byte("\r\n\r\n")) {
+			m, err := c.Read(answer[n:])
+			if err != nil {
+				b.Fatalf("read the answer: %v (%q)", err, answer[:n])
+			}
+			n += m
+		}
+		if !bytes.HasPrefix(answer[:n], []byte("HTTP/1.1 101 ")) {
+			b.Fatalf("answer %q", answer[:n])
+		}
+		if len(conns) == round {
+			b.StopTimer()
+			start := processCPU(b)
+			closeAll()
+			paused += processCPU(b) - start
+			b.StartTimer()
+		}
+	}
+	b.ReportMetric(float64(processCPU(b)-cpu-paused)/float64(b.N), "cpu-ns/op")
+	b.StopTimer()
+	closeAll()
+}
+
+// processCPU is the CPU time this process has used, user and system.
+func processCPU(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatalf("getrusage: %v", err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // BenchmarkPrepare is POST /channel/prepare through the router, the admin
