@@ -56,7 +56,7 @@ import (
 // ---- Flags and config ----
 
 // version is what -version prints.
-const version = "0.4.0"
+const version = "0.4.1"
 
 // Timings and sizes that are not flags, each with its reason.
 const (

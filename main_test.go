@@ -4059,7 +4059,10 @@ func TestSubscriberConnectionHasTheCappedSendBuffer(t *testing.T) {
 func BenchmarkConnect(b *testing.B) {
 	d := startDaemon(b, "-log-level", "2")
 	ch := d.prepare("")
-	u, _ := url.Parse(d.url)
+	u, err := url.Parse(d.url)
+	if err != nil {
+		b.Fatal(err)
+	}
 	request := []byte("GET /channel/subscribe/" + ch.SubscriberToken + " HTTP/1.1\r\nHost: " + u.Host +
 		"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 	const round = 1000
