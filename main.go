@@ -765,7 +765,9 @@ func (h *hub) discard() {
 	if r, ok := h.engine.(*redisEngine); ok {
 		r.cancel()
 		if r.first != nil {
-			r.first.Close()
+			if err := r.first.Close(); err != nil {
+				h.log.Debug("close the Redis connection", "err", err)
+			}
 		}
 	}
 }

@@ -1359,7 +1359,10 @@ func TestBodiesAreLimited(t *testing.T) {
 			t.Errorf("%s %s: %+v", r.method, r.path, got)
 		}
 		for _, n := range []int{r.limit, r.limit + 1} { // a body of unknown length is read another way
-			req, _ := http.NewRequest(r.method, d.url+r.path, io.MultiReader(strings.NewReader(r.body(n))))
+			req, err := http.NewRequest(r.method, d.url+r.path, io.MultiReader(strings.NewReader(r.body(n))))
+			if err != nil {
+				t.Fatal(err)
+			}
 			req.Host = "localhost"
 			resp, err := http.DefaultClient.Do(req)
 			if err != nil {
