@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -5962,6 +5963,84 @@ func TestRedisCommandsAreNotMixedAfterABigOne(t *testing.T) {
 		if strings.Trim(string(value), string(value[:1])) != "" {
 			t.Fatalf("command %d (%s) mixed with another: %.60q", n, args[0], value)
 		}
+	}
+}
+
+// TestRedisWriteThatWaitsHoldsNoLock: while the command connection cannot
+// take a byte more (Redis frozen, the socket's buffer full), subscribers
+// still leave at once: each count they change is queued in their
+// channel's order and written later, with no channel's lock held while
+// the write waits. Both disconnect events reach the hook before the
+// waiting write fails, as neither leave waits for it.
+func TestRedisWriteThatWaitsHoldsNoLock(t *testing.T) {
+	rs := startRedis(t)
+	hook := startHook(t, nil)
+	d := startDaemon(t, "-redis", rs.url(), "-hook-events")
+	t.Cleanup(func() { rs.cmd.Process.Signal(syscall.SIGCONT) }) // before the daemon stops
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
+	a, b := d.dial(ch.SubscriberToken), d.dial(ch.SubscriberToken)
+	for range 2 {
+		recv(t, hook.requests, "connect event")
+	}
+	cmd := d.hub.engine.(*redisEngine).cmd
+	connection := func() *redisConn {
+		cmd.mu.Lock()
+		defer cmd.mu.Unlock()
+		return cmd.conn
+	}
+	stuck := connection()
+	if stuck == nil {
+		t.Fatal("no command connection to Redis")
+	}
+	if err := rs.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	fillSocket(t, stuck.Conn)
+	a.conn.Close()
+	b.conn.Close()
+	for range 2 {
+		r := recv(t, hook.requests, "disconnect event")
+		if event := r.header.Get("X-Gockets-Event"); event != "disconnect" {
+			t.Fatalf("the hook got %q %q, want a disconnect event", event, r.body)
+		}
+		if connection() != stuck {
+			t.Fatal("a disconnect reached the hook only once the write that waited for Redis had failed")
+		}
+	}
+}
+
+// fillSocket writes to conn, never waiting, until the kernel takes no
+// more: what a Redis that stopped reading leaves after the writes it did
+// take. The bytes begin a bulk string longer than Redis accepts, so that
+// Redis, once it reads them, closes the connection rather than run them.
+func fillSocket(t *testing.T, conn net.Conn) {
+	t.Helper()
+	raw, err := conn.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, 64<<10)
+	copy(chunk, "*1\r\n$1000000000000\r\n")
+	written, full := 0, false
+	var werr error
+	err = raw.Write(func(fd uintptr) bool {
+		for written < 1<<30 {
+			n, err := syscall.Write(int(fd), chunk)
+			if err == syscall.EAGAIN {
+				full = true
+				return true
+			}
+			if err != nil {
+				werr = err
+				return true
+			}
+			written += n
+			clear(chunk[:min(n, 32)])
+		}
+		return true
+	})
+	if err = cmp.Or(err, werr); err != nil || !full {
+		t.Fatalf("filling the socket: %d bytes written, full %v, %v", written, full, err)
 	}
 }
 
