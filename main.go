@@ -5497,13 +5497,8 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 	u := &upgrade{ResponseWriter: w, h: h, ch: ch, s: s, conn: &keptConn{},
 		req: http.Request{Method: r.Method, URL: r.URL, Header: r.Header, Host: r.Host, TLS: r.TLS}}
 	u.out = &frameBatch{pool: &h.batches, arm: func() error { return s.armWrite(writeWait) }, disarm: s.disarmWrite}
+	defer u.end() // deferred: x/net panics when the hijack fails
 	websocket.Server{Handshake: u.handshake, Handler: u.serve}.ServeHTTP(u, &u.req)
-	if !u.conn.kept {
-		if u.joined { // the upgrade failed after the join
-			h.engine.unjoin(ch, s)
-		}
-		h.release(ch)
-	}
 }
 
 // upgrade is one WebSocket upgrade, and the ResponseWriter x/net/websocket
@@ -5540,6 +5535,18 @@ func (u *upgrade) handshake(cfg *websocket.Config, req *http.Request) error {
 		return errors.New("channel deleted or shutting down")
 	}
 	return nil
+}
+
+// end undoes what an upgrade that did not keep the connection took, however
+// it ended (net/http recovers x/net's panic): the join, then the admission.
+func (u *upgrade) end() {
+	if u.conn.kept {
+		return
+	}
+	if u.joined { // the upgrade failed after the join
+		u.h.engine.unjoin(u.ch, u.s)
+	}
+	u.h.release(u.ch)
 }
 
 func (u *upgrade) serve(ws *websocket.Conn) {

@@ -4226,6 +4226,52 @@ func TestFailedUpgradeGivesTheBacklogBack(t *testing.T) {
 	d.dial(ch.SubscriberToken).expectText("kept")
 }
 
+// TestFailedHijackReleasesTheSubscriber: x/net panics when the hijack
+// fails, and net/http recovers; what admitted the subscriber must be
+// released all the same, or the limits fill with subscribers that never
+// came. The hub serves the upgrade here into a ResponseWriter that cannot
+// hijack, or whose hijack fails; then, with room for one subscriber in all
+// and one per channel, a real one connects.
+func TestFailedHijackReleasesTheSubscriber(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		w    func() http.ResponseWriter
+	}{
+		{"cannot hijack", func() http.ResponseWriter { return httptest.NewRecorder() }},
+		{"hijack fails", func() http.ResponseWriter { return failingHijacker{httptest.NewRecorder()} }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := startDaemon(t, "-max-subscribers", "1", "-max-subscribers-per-channel", "1", "-log-level", "2")
+			ch := d.prepare("")
+			d.publish(ch.PublisherToken, "kept")
+			r := httptest.NewRequest("GET", "/channel/subscribe/"+ch.SubscriberToken, nil)
+			r.Header.Set("Upgrade", "websocket")
+			r.Header.Set("Connection", "Upgrade")
+			r.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+			r.Header.Set("Sec-WebSocket-Version", "13")
+			var panicked any
+			func() {
+				defer func() { panicked = recover() }()
+				d.hub.ServeHTTP(tc.w(), r)
+			}()
+			if panicked == nil {
+				t.Fatal("x/net did not panic: the hijack did not fail")
+			}
+			if n := d.hub.connected.Load(); n != 0 {
+				t.Errorf("%d subscribers counted after the failed upgrade, want 0", n)
+			}
+			d.dial(ch.SubscriberToken).expectText("kept")
+		})
+	}
+}
+
+// failingHijacker is a ResponseWriter whose hijack fails.
+type failingHijacker struct{ http.ResponseWriter }
+
+func (failingHijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	return nil, nil, errors.New("the connection went")
+}
+
 func TestSlowSubscriberIsCountedOnceUnderConcurrentPublishes(t *testing.T) {
 	d := startDaemonWith(t, func(c *config) { c.sendQueue = 1 }, "-log-level", "2")
 	ch := d.prepare("")
