@@ -2700,6 +2700,12 @@ local function view(pub, now)
   if not f[1] then return false end
   return {pub, f[1], f[2], f[3], listeners(pub, now)}
 end
+local function before(a, b) -- stream ids
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or am == bm and as < bs
+end
 `
 
 var (
@@ -2810,12 +2816,6 @@ redis.call('PEXPIRE', node, ttl)
 if redis.call('ZADD', P .. 'nodes', now + ttl, ARGV[3]) == 1 then -- a node new to P:nodes
   redis.call('ZREMRANGEBYSCORE', P .. 'nodes', '-inf', now - ttl)
 end
-local function before(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am < bm or am == bm and as < bs
-end
 local f = redis.call('HMGET', ch, 'last', 'handed', 'waiting')
 local last, handed, count = f[1] or '0-0', f[2] or '0-0', tonumber(ARGV[8])
 local waiting = {} -- a1 b1 a2 b2 ...: the messages in (a, b], oldest stretch first
@@ -2868,6 +2868,29 @@ if rest ~= (f[3] or '') then -- most joins find nothing waiting, and write nothi
 end
 return {last, kept}`)
 
+	// ARGV: P, pub, then the ids a join took, oldest first, which its
+	// subscriber never had (its upgrade failed): they wait again for the
+	// next subscriber, each as the stretch after the entry before it in
+	// the stream, among the stretches of waiting in their order.
+	unjoinScript = newScript(`
+local ch, log = P .. 'ch:' .. ARGV[2], P .. 'log:' .. ARGV[2]
+if redis.call('EXISTS', ch) == 0 then return 0 end
+local stretches = {}
+local ids = {}
+for id in string.gmatch(redis.call('HGET', ch, 'waiting') or '', '%S+') do ids[#ids + 1] = id end
+for i = 1, #ids - 1, 2 do stretches[#stretches + 1] = {ids[i], ids[i + 1]} end
+for i = 3, #ARGV do
+  local prev = redis.call('XREVRANGE', log, '(' .. ARGV[i], '-', 'COUNT', 1)[1]
+  stretches[#stretches + 1] = {prev and prev[1] or '0-0', ARGV[i]}
+end
+table.sort(stretches, function(x, y) return before(x[2], y[2]) end)
+local out = {}
+for _, s in ipairs(stretches) do
+  if #out > 0 and out[#out] == s[1] then out[#out] = s[2] else out[#out + 1], out[#out + 2] = s[1], s[2] end
+end
+redis.call('HSET', ch, 'waiting', table.concat(out, ' '))
+return 1`)
+
 	// ARGV: P, node, node TTL (ms). Returns 0 when the node's counts are
 	// gone (Redis lost them, or this node was away longer than its TTL).
 	refreshScript = newScript(`
@@ -2892,7 +2915,7 @@ return 1`)
 
 	// redisScripts is every script, loaded again at each connect.
 	redisScripts = []*redisScript{prepareScript, showScript, listScript, editScript, publishScript,
-		deleteScript, findScript, joinScript, refreshScript, rewriteScript}
+		deleteScript, findScript, joinScript, unjoinScript, refreshScript, rewriteScript}
 )
 
 // redisEngine keeps the channels in Redis. This node holds a *channel only
@@ -3252,6 +3275,10 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 			kept = append(kept, m)
 		}
 	}
+	backlog := kept // what unjoin gives back; a resume took what others had too
+	if resume {
+		backlog = nil
+	}
 	for {
 		sh.mu.Lock()
 		switch {
@@ -3259,13 +3286,17 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 			if !sh.following {
 				sh.following, sh.cursor = true, last
 			}
-			full := false
+			full, queued := false, 0
 			for _, m := range kept {
 				if full = !s.enqueue(m); full {
 					break
 				}
+				queued++
 			}
 			joined := r.h.join(ch, s, false, 0)
+			ch.mu.Lock()
+			s.fromBacklog = backlog[:min(queued, len(backlog))]
+			ch.mu.Unlock()
 			behind := sh.seen > sh.cursor
 			target := sh.seen
 			sh.mu.Unlock()
@@ -3300,10 +3331,25 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 	}
 }
 
-// unjoin undoes a join whose upgrade failed. What the join took from the
-// backlog is not given back: other nodes may have handed out more since.
-func (r *redisEngine) unjoin(_ *channel, s *subscriber) {
+// unjoin undoes a join whose upgrade failed: the subscriber leaves, and
+// what the join took from the backlog waits for the next subscriber
+// again, on any node, in its place among what waits.
+func (r *redisEngine) unjoin(ch *channel, s *subscriber) {
 	s.stop(farewell{closeGoingAway, "handshake failed", false})
+	ch.mu.Lock()
+	taken := s.fromBacklog
+	s.fromBacklog = nil
+	ch.mu.Unlock()
+	if len(taken) == 0 {
+		return
+	}
+	args := []any{r.prefix, ch.publisherToken}
+	for _, m := range taken {
+		args = append(args, streamID(m.id))
+	}
+	if _, err := r.eval(unjoinScript, args...); err != nil {
+		s.log().Warn("giving back what a failed join took failed", "err", err)
+	}
 }
 
 // countChangedLocked writes this node's count of the channel's subscribers

@@ -4210,20 +4210,33 @@ func TestSeveralSubprotocolsStillSubscribe(t *testing.T) {
 	}
 }
 
+// TestFailedUpgradeGivesTheBacklogBack: what a join took from the backlog
+// waits again for the next subscriber when the upgrade fails after the
+// join, in order, and reaches it once.
 func TestFailedUpgradeGivesTheBacklogBack(t *testing.T) {
 	d := startDaemon(t)
 	ch := d.prepare("")
-	d.publish(ch.PublisherToken, "kept")
-	c := d.hub.byPublisherToken(ch.PublisherToken)
+	d.publish(ch.PublisherToken, "kept 1")
+	d.publish(ch.PublisherToken, "kept 2")
+	c, err := d.hub.engine.find(context.Background(), ch.SubscriberToken)
+	if err != nil {
+		t.Fatal(err)
+	}
 	s := d.hub.newSubscriber(c, "websocket")
-	if !d.hub.join(c, s, false, 0) {
+	if !d.hub.engine.join(c, s, false, 0) {
 		t.Fatal("join refused")
 	}
-	d.hub.unjoin(c, s) // what subscribeWebSocket does when x/net's upgrade fails
+	d.hub.engine.unjoin(c, s) // what subscribeWebSocket does when x/net's upgrade fails
 	if n := d.listeners(ch.PublisherToken); n != 0 {
 		t.Fatalf("listeners %d after a failed upgrade", n)
 	}
-	d.dial(ch.SubscriberToken).expectText("kept")
+	a := d.dial(ch.SubscriberToken)
+	a.expectText("kept 1")
+	a.expectText("kept 2")
+	b := d.dial(ch.SubscriberToken) // nothing is left for it
+	d.publish(ch.PublisherToken, "live")
+	a.expectText("live")
+	b.expectText("live")
 }
 
 // TestFailedHijackReleasesTheSubscriber: x/net panics when the hijack
@@ -6012,6 +6025,41 @@ func TestRedisCommandsAreNotMixedAfterABigOne(t *testing.T) {
 	}
 }
 
+// TestRedisFailedUpgradeGivesTheBacklogBackToAnyNode: a join that could
+// take only the oldest of what waited (its queue is short) and whose
+// upgrade then failed gives them back in their place, before the rest,
+// and the next subscriber, on another node, gets them all in order, once.
+func TestRedisFailedUpgradeGivesTheBacklogBackToAnyNode(t *testing.T) {
+	rs := startRedis(t)
+	a := startDaemonWith(t, func(c *config) { c.sendQueue = 2 }, "-redis", rs.url())
+	b := startNode(t, rs.url())
+	ch := a.prepare("")
+	for i := range 4 {
+		a.publish(ch.PublisherToken, fmt.Sprintf("kept %d", i+1))
+	}
+	c, err := a.hub.engine.find(context.Background(), ch.SubscriberToken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := a.hub.newSubscriber(c, "websocket")
+	if !a.hub.engine.join(c, s, false, 0) {
+		t.Fatal("join refused")
+	}
+	s.mu.Lock()
+	took := len(s.queue)
+	s.mu.Unlock()
+	if took != 2 {
+		t.Fatalf("the join took %d messages, want the 2 its queue holds", took)
+	}
+	a.hub.engine.unjoin(c, s)
+	sub := b.dial(ch.SubscriberToken)
+	for i := range 4 {
+		sub.expectText(fmt.Sprintf("kept %d", i+1))
+	}
+	a.publish(ch.PublisherToken, "live")
+	sub.expectText("live")
+}
+
 // TestRedisWriteThatWaitsHoldsNoLock: while the command connection cannot
 // take a byte more (Redis frozen, the socket's buffer full), subscribers
 // still leave at once: each count they change is queued in their
@@ -6179,6 +6227,7 @@ func TestRedisPassesTheOneNodeTests(t *testing.T) {
 		{"BacklogLongerThanTheSendQueueWaits", TestBacklogLongerThanTheSendQueueWaits},
 		{"BacklogTheSendQueueLeftWaitsPastLivePublishes", TestBacklogTheSendQueueLeftWaitsPastLivePublishes},
 		{"ResumeLeavesWhatItDidNotTakeForTheNextSubscriber", TestResumeLeavesWhatItDidNotTakeForTheNextSubscriber},
+		{"FailedUpgradeGivesTheBacklogBack", TestFailedUpgradeGivesTheBacklogBack},
 		{"SSEResumesFromLastEventID", TestSSEResumesFromLastEventID},
 		{"BinaryMessagesBothWays", TestBinaryMessagesBothWays},
 		{"PresenceEventsOncePerChange", TestPresenceEventsOncePerChange},
