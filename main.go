@@ -2435,7 +2435,10 @@ func (c *redisClient) read(rc *redisConn) {
 				continue
 			}
 		}
-		err := rc.SetReadDeadline(call.deadline)
+		var err error
+		if buffered, _ := rc.br.Peek(rc.br.Buffered()); !respComplete(buffered) {
+			err = rc.SetReadDeadline(call.deadline) // only a read that may wait needs one
+		}
 		var reply any
 		if err == nil {
 			reply, err = readReply(rc.br)
@@ -3644,11 +3647,13 @@ func (r *redisEngine) follow() (up bool, err error) {
 	var later []*subscriber
 	defer startWriters(&later)
 	for {
+		// A reply already read whole needs no deadline: only a read that
+		// may wait gets one.
 		if buffered, _ := br.Peek(br.Buffered()); !respComplete(buffered) {
 			startWriters(&later) // the next read may wait: write what was read
-		}
-		if err := conn.SetReadDeadline(time.Now().Add(redisSilenceLimit)); err != nil {
-			return true, err
+			if err := conn.SetReadDeadline(time.Now().Add(redisSilenceLimit)); err != nil {
+				return true, err
+			}
 		}
 		reply, err := readReply(br)
 		if err != nil {
