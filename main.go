@@ -2239,10 +2239,11 @@ func replyOptional(v any) *string {
 // redisClient is one connection for commands, shared by every request:
 // commands are written in the order they are issued and their replies read
 // in the same order by one reader, so callers that issue while holding a
-// lock get Redis to apply their commands in that lock's order. Any I/O
-// error, malformed reply or timeout closes the connection and fails every
-// command waiting on it (a late reply could otherwise answer the wrong
-// command); keep reconnects forever.
+// lock (sendLocked, which holds no lock while the write waits) get Redis
+// to apply their commands in that lock's order. Any I/O error, malformed
+// reply or timeout closes the connection and fails every command waiting
+// on it (a late reply could otherwise answer the wrong command); keep
+// reconnects forever.
 type redisClient struct {
 	opts *redisOptions
 	log  *slog.Logger
@@ -2318,9 +2319,39 @@ type unavailable struct {
 func (e unavailable) Error() string { return "cannot reach Redis: " + e.err.Error() }
 func (e unavailable) Unwrap() error { return e.err }
 
-// send issues a command without waiting for its reply. quiet: nobody will
-// wait; a failure is only logged.
+// send issues a command without waiting for its reply, and writes it,
+// with what others issue meanwhile, unless a write is under way: then that
+// writer takes it too. quiet: nobody will wait; a failure is only logged.
+// A caller holding a lock uses sendLocked.
 func (c *redisClient) send(quiet bool, args ...any) *redisCall {
+	call, rc := c.queue(quiet, args)
+	if rc != nil {
+		// This sender first lets the goroutines that are ready to run add
+		// theirs (publishers whose requests arrived together): with 8
+		// publishers this makes about 0.3 writes to Redis a publish
+		// instead of 1, and the daemon spends 3 to 7 µs less on each.
+		runtime.Gosched()
+		c.flush(rc)
+	}
+	return call
+}
+
+// sendLocked is send for a caller that holds a lock (a channel's, the
+// hub's): the command takes its place in that lock's order, and a
+// goroutine of its own writes it, so that no lock is held while a write
+// waits for a Redis that does not read.
+func (c *redisClient) sendLocked(quiet bool, args ...any) *redisCall {
+	call, rc := c.queue(quiet, args)
+	if rc != nil {
+		go c.flush(rc)
+	}
+	return call
+}
+
+// queue adds a command to what the connection writes next, and returns
+// the connection when no write is under way: the caller then writes
+// (flush). A command that cannot be queued fails at once.
+func (c *redisClient) queue(quiet bool, args []any) (*redisCall, *redisConn) {
 	call := &redisCall{what: args[0]}
 	if !quiet {
 		call.done = make(chan redisResult, 1)
@@ -2334,7 +2365,7 @@ func (c *redisClient) send(quiet bool, args ...any) *redisCall {
 			err = errors.New("not connected yet")
 		}
 		call.finish(c, nil, unavailable{err, true})
-		return call
+		return call, nil
 	}
 	call.deadline = time.Now().Add(redisCommandTimeout)
 	rc.out = appendCommand(rc.out, args...)
@@ -2343,18 +2374,19 @@ func (c *redisClient) send(quiet bool, args ...any) *redisCall {
 	case rc.more <- struct{}{}:
 	default:
 	}
-	if rc.flushing { // the sender writing now writes this command too
+	if rc.flushing { // the writer at work writes this command too
 		c.mu.Unlock()
-		return call
+		return call, nil
 	}
-	// This sender writes what is gathered, and what gathers meanwhile:
-	// concurrent commands share a write. It first lets the goroutines that
-	// are ready to run add theirs (publishers whose requests arrived
-	// together): with 8 publishers this makes about 0.3 writes to Redis a
-	// publish instead of 1, and the daemon spends 3 to 7 µs less on each.
 	rc.flushing = true
 	c.mu.Unlock()
-	runtime.Gosched()
+	return call, rc
+}
+
+// flush writes what is queued, and what queues meanwhile, in one write
+// each time: concurrent commands share a write. The caller was told to by
+// queue; nothing else writes to rc until it returns.
+func (c *redisClient) flush(rc *redisConn) {
 	c.mu.Lock()
 	for len(rc.out) > 0 {
 		out := rc.out
@@ -2372,12 +2404,11 @@ func (c *redisClient) send(quiet bool, args ...any) *redisCall {
 			rc.flushing = false
 			c.mu.Unlock()
 			c.lost(rc, err) // fails every command written or not
-			return call
+			return
 		}
 	}
 	rc.flushing = false
 	c.mu.Unlock()
-	return call
 }
 
 // do issues a command and waits for its reply.
@@ -2670,6 +2701,12 @@ local function view(pub, now)
   if not f[1] then return false end
   return {pub, f[1], f[2], f[3], listeners(pub, now)}
 end
+local function before(a, b) -- stream ids
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or am == bm and as < bs
+end
 `
 
 var (
@@ -2780,12 +2817,6 @@ redis.call('PEXPIRE', node, ttl)
 if redis.call('ZADD', P .. 'nodes', now + ttl, ARGV[3]) == 1 then -- a node new to P:nodes
   redis.call('ZREMRANGEBYSCORE', P .. 'nodes', '-inf', now - ttl)
 end
-local function before(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am < bm or am == bm and as < bs
-end
 local f = redis.call('HMGET', ch, 'last', 'handed', 'waiting')
 local last, handed, count = f[1] or '0-0', f[2] or '0-0', tonumber(ARGV[8])
 local waiting = {} -- a1 b1 a2 b2 ...: the messages in (a, b], oldest stretch first
@@ -2838,6 +2869,29 @@ if rest ~= (f[3] or '') then -- most joins find nothing waiting, and write nothi
 end
 return {last, kept}`)
 
+	// ARGV: P, pub, then the ids a join took, oldest first, which its
+	// subscriber never had (its upgrade failed): they wait again for the
+	// next subscriber, each as the stretch after the entry before it in
+	// the stream, among the stretches of waiting in their order.
+	unjoinScript = newScript(`
+local ch, log = P .. 'ch:' .. ARGV[2], P .. 'log:' .. ARGV[2]
+if redis.call('EXISTS', ch) == 0 then return 0 end
+local stretches = {}
+local ids = {}
+for id in string.gmatch(redis.call('HGET', ch, 'waiting') or '', '%S+') do ids[#ids + 1] = id end
+for i = 1, #ids - 1, 2 do stretches[#stretches + 1] = {ids[i], ids[i + 1]} end
+for i = 3, #ARGV do
+  local prev = redis.call('XREVRANGE', log, '(' .. ARGV[i], '-', 'COUNT', 1)[1]
+  stretches[#stretches + 1] = {prev and prev[1] or '0-0', ARGV[i]}
+end
+table.sort(stretches, function(x, y) return before(x[2], y[2]) end)
+local out = {}
+for _, s in ipairs(stretches) do
+  if #out > 0 and out[#out] == s[1] then out[#out] = s[2] else out[#out + 1], out[#out + 2] = s[1], s[2] end
+end
+redis.call('HSET', ch, 'waiting', table.concat(out, ' '))
+return 1`)
+
 	// ARGV: P, node, node TTL (ms). Returns 0 when the node's counts are
 	// gone (Redis lost them, or this node was away longer than its TTL).
 	refreshScript = newScript(`
@@ -2862,7 +2916,7 @@ return 1`)
 
 	// redisScripts is every script, loaded again at each connect.
 	redisScripts = []*redisScript{prepareScript, showScript, listScript, editScript, publishScript,
-		deleteScript, findScript, joinScript, refreshScript, rewriteScript}
+		deleteScript, findScript, joinScript, unjoinScript, refreshScript, rewriteScript}
 )
 
 // redisEngine keeps the channels in Redis. This node holds a *channel only
@@ -2980,10 +3034,16 @@ func (r *redisEngine) eval(s *redisScript, args ...any) (any, error) {
 	return reply, err
 }
 
-// issue sends a script without waiting: a caller holding a lock gets it
-// applied in that lock's order.
+// issue sends a script without waiting for its result.
 func (r *redisEngine) issue(s *redisScript, args ...any) *redisCall {
 	return r.cmd.send(false, append([]any{"EVALSHA", s.sha, 0}, args...)...)
+}
+
+// issueLocked is issue for a caller holding a lock: Redis runs the script
+// in that lock's order, and the write happens once the lock is free
+// (sendLocked).
+func (r *redisEngine) issueLocked(s *redisScript, args ...any) *redisCall {
+	return r.cmd.sendLocked(false, append([]any{"EVALSHA", s.sha, 0}, args...)...)
 }
 
 // retry waits for call, and sends the script itself if Redis did not know
@@ -3185,7 +3245,7 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 	ch.mu.Lock()
 	sh.joining++
 	sh.sent = len(ch.subscribers) + sh.joining
-	call := r.issue(joinScript, args()...)
+	call := r.issueLocked(joinScript, args()...)
 	ch.mu.Unlock()
 	defer func() {
 		ch.mu.Lock()
@@ -3197,7 +3257,7 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 	var re respError
 	if errors.As(err, &re) && strings.HasPrefix(string(re), "NOSCRIPT") {
 		ch.mu.Lock()
-		call = r.cmd.send(false, append([]any{"EVAL", joinScript.src, 0}, args()...)...)
+		call = r.cmd.sendLocked(false, append([]any{"EVAL", joinScript.src, 0}, args()...)...)
 		ch.mu.Unlock()
 		reply, err = call.wait()
 	}
@@ -3216,6 +3276,10 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 			kept = append(kept, m)
 		}
 	}
+	backlog := kept // what unjoin gives back; a resume took what others had too
+	if resume {
+		backlog = nil
+	}
 	for {
 		sh.mu.Lock()
 		switch {
@@ -3223,13 +3287,17 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 			if !sh.following {
 				sh.following, sh.cursor = true, last
 			}
-			full := false
+			full, queued := false, 0
 			for _, m := range kept {
 				if full = !s.enqueue(m); full {
 					break
 				}
+				queued++
 			}
 			joined := r.h.join(ch, s, false, 0)
+			ch.mu.Lock()
+			s.fromBacklog = backlog[:min(queued, len(backlog))]
+			ch.mu.Unlock()
 			behind := sh.seen > sh.cursor
 			target := sh.seen
 			sh.mu.Unlock()
@@ -3264,10 +3332,25 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 	}
 }
 
-// unjoin undoes a join whose upgrade failed. What the join took from the
-// backlog is not given back: other nodes may have handed out more since.
-func (r *redisEngine) unjoin(_ *channel, s *subscriber) {
+// unjoin undoes a join whose upgrade failed: the subscriber leaves, and
+// what the join took from the backlog waits for the next subscriber
+// again, on any node, in its place among what waits.
+func (r *redisEngine) unjoin(ch *channel, s *subscriber) {
 	s.stop(farewell{closeGoingAway, "handshake failed", false})
+	ch.mu.Lock()
+	taken := s.fromBacklog
+	s.fromBacklog = nil
+	ch.mu.Unlock()
+	if len(taken) == 0 {
+		return
+	}
+	args := []any{r.prefix, ch.publisherToken}
+	for _, m := range taken {
+		args = append(args, streamID(m.id))
+	}
+	if _, err := r.eval(unjoinScript, args...); err != nil {
+		s.log().Warn("giving back what a failed join took failed", "err", err)
+	}
 }
 
 // countChangedLocked writes this node's count of the channel's subscribers
@@ -3281,11 +3364,11 @@ func (sh *sharedChannel) countChangedLocked(ch *channel) {
 	sh.sent = n
 	r := sh.r
 	if n == 0 {
-		r.cmd.send(true, "HDEL", r.nodeKey(), ch.publisherToken)
+		r.cmd.sendLocked(true, "HDEL", r.nodeKey(), ch.publisherToken)
 		return
 	}
-	r.cmd.send(true, "HSET", r.nodeKey(), ch.publisherToken, n)
-	r.cmd.send(true, "PEXPIRE", r.nodeKey(), nodeTTL.Milliseconds())
+	r.cmd.sendLocked(true, "HSET", r.nodeKey(), ch.publisherToken, n)
+	r.cmd.sendLocked(true, "PEXPIRE", r.nodeKey(), nodeTTL.Milliseconds())
 }
 
 // loadScripts makes a Redis that restarted know every script before
@@ -3319,7 +3402,7 @@ func (r *redisEngine) countsLost() {
 			}
 		}
 	}
-	call := r.issue(rewriteScript, args...)
+	call := r.issueLocked(rewriteScript, args...)
 	for _, ch := range all {
 		ch.mu.Unlock()
 	}
@@ -5453,13 +5536,8 @@ func (h *hub) subscribeWebSocket(w http.ResponseWriter, r *http.Request, ch *cha
 	u := &upgrade{ResponseWriter: w, h: h, ch: ch, s: s, conn: &keptConn{},
 		req: http.Request{Method: r.Method, URL: r.URL, Header: r.Header, Host: r.Host, TLS: r.TLS}}
 	u.out = &frameBatch{fd: -1, pool: &h.batches, arm: func() error { return s.armWrite(writeWait) }, disarm: s.disarmWrite}
+	defer u.end() // deferred: x/net panics when the hijack fails
 	websocket.Server{Handshake: u.handshake, Handler: u.serve}.ServeHTTP(u, &u.req)
-	if !u.conn.kept {
-		if u.joined { // the upgrade failed after the join
-			h.engine.unjoin(ch, s)
-		}
-		h.release(ch)
-	}
 }
 
 // upgrade is one WebSocket upgrade, and the ResponseWriter x/net/websocket
@@ -5496,6 +5574,18 @@ func (u *upgrade) handshake(cfg *websocket.Config, req *http.Request) error {
 		return errors.New("channel deleted or shutting down")
 	}
 	return nil
+}
+
+// end undoes what an upgrade that did not keep the connection took, however
+// it ended (net/http recovers x/net's panic): the join, then the admission.
+func (u *upgrade) end() {
+	if u.conn.kept {
+		return
+	}
+	if u.joined { // the upgrade failed after the join
+		u.h.engine.unjoin(u.ch, u.s)
+	}
+	u.h.release(u.ch)
 }
 
 func (u *upgrade) serve(ws *websocket.Conn) {

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -4209,20 +4210,79 @@ func TestSeveralSubprotocolsStillSubscribe(t *testing.T) {
 	}
 }
 
+// TestFailedUpgradeGivesTheBacklogBack: what a join took from the backlog
+// waits again for the next subscriber when the upgrade fails after the
+// join, in order, and reaches it once.
 func TestFailedUpgradeGivesTheBacklogBack(t *testing.T) {
 	d := startDaemon(t)
 	ch := d.prepare("")
-	d.publish(ch.PublisherToken, "kept")
-	c := d.hub.byPublisherToken(ch.PublisherToken)
+	d.publish(ch.PublisherToken, "kept 1")
+	d.publish(ch.PublisherToken, "kept 2")
+	c, err := d.hub.engine.find(context.Background(), ch.SubscriberToken)
+	if err != nil {
+		t.Fatal(err)
+	}
 	s := d.hub.newSubscriber(c, "websocket")
-	if !d.hub.join(c, s, false, 0) {
+	if !d.hub.engine.join(c, s, false, 0) {
 		t.Fatal("join refused")
 	}
-	d.hub.unjoin(c, s) // what subscribeWebSocket does when x/net's upgrade fails
+	d.hub.engine.unjoin(c, s) // what subscribeWebSocket does when x/net's upgrade fails
 	if n := d.listeners(ch.PublisherToken); n != 0 {
 		t.Fatalf("listeners %d after a failed upgrade", n)
 	}
-	d.dial(ch.SubscriberToken).expectText("kept")
+	a := d.dial(ch.SubscriberToken)
+	a.expectText("kept 1")
+	a.expectText("kept 2")
+	b := d.dial(ch.SubscriberToken) // nothing is left for it
+	d.publish(ch.PublisherToken, "live")
+	a.expectText("live")
+	b.expectText("live")
+}
+
+// TestFailedHijackReleasesTheSubscriber: x/net panics when the hijack
+// fails, and net/http recovers; what admitted the subscriber must be
+// released all the same, or the limits fill with subscribers that never
+// came. The hub serves the upgrade here into a ResponseWriter that cannot
+// hijack, or whose hijack fails; then, with room for one subscriber in all
+// and one per channel, a real one connects.
+func TestFailedHijackReleasesTheSubscriber(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		w    func() http.ResponseWriter
+	}{
+		{"cannot hijack", func() http.ResponseWriter { return httptest.NewRecorder() }},
+		{"hijack fails", func() http.ResponseWriter { return failingHijacker{httptest.NewRecorder()} }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := startDaemon(t, "-max-subscribers", "1", "-max-subscribers-per-channel", "1", "-log-level", "2")
+			ch := d.prepare("")
+			d.publish(ch.PublisherToken, "kept")
+			r := httptest.NewRequest("GET", "/channel/subscribe/"+ch.SubscriberToken, nil)
+			r.Header.Set("Upgrade", "websocket")
+			r.Header.Set("Connection", "Upgrade")
+			r.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+			r.Header.Set("Sec-WebSocket-Version", "13")
+			var panicked any
+			func() {
+				defer func() { panicked = recover() }()
+				d.hub.ServeHTTP(tc.w(), r)
+			}()
+			if panicked == nil {
+				t.Fatal("x/net did not panic: the hijack did not fail")
+			}
+			if n := d.hub.connected.Load(); n != 0 {
+				t.Errorf("%d subscribers counted after the failed upgrade, want 0", n)
+			}
+			d.dial(ch.SubscriberToken).expectText("kept")
+		})
+	}
+}
+
+// failingHijacker is a ResponseWriter whose hijack fails.
+type failingHijacker struct{ http.ResponseWriter }
+
+func (failingHijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	return nil, nil, errors.New("the connection went")
 }
 
 func TestSlowSubscriberIsCountedOnceUnderConcurrentPublishes(t *testing.T) {
@@ -5965,6 +6025,119 @@ func TestRedisCommandsAreNotMixedAfterABigOne(t *testing.T) {
 	}
 }
 
+// TestRedisFailedUpgradeGivesTheBacklogBackToAnyNode: a join that could
+// take only the oldest of what waited (its queue is short) and whose
+// upgrade then failed gives them back in their place, before the rest,
+// and the next subscriber, on another node, gets them all in order, once.
+func TestRedisFailedUpgradeGivesTheBacklogBackToAnyNode(t *testing.T) {
+	rs := startRedis(t)
+	a := startDaemonWith(t, func(c *config) { c.sendQueue = 2 }, "-redis", rs.url())
+	b := startNode(t, rs.url())
+	ch := a.prepare("")
+	for i := range 4 {
+		a.publish(ch.PublisherToken, fmt.Sprintf("kept %d", i+1))
+	}
+	c, err := a.hub.engine.find(context.Background(), ch.SubscriberToken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := a.hub.newSubscriber(c, "websocket")
+	if !a.hub.engine.join(c, s, false, 0) {
+		t.Fatal("join refused")
+	}
+	s.mu.Lock()
+	took := len(s.queue)
+	s.mu.Unlock()
+	if took != 2 {
+		t.Fatalf("the join took %d messages, want the 2 its queue holds", took)
+	}
+	a.hub.engine.unjoin(c, s)
+	sub := b.dial(ch.SubscriberToken)
+	for i := range 4 {
+		sub.expectText(fmt.Sprintf("kept %d", i+1))
+	}
+	a.publish(ch.PublisherToken, "live")
+	sub.expectText("live")
+}
+
+// TestRedisWriteThatWaitsHoldsNoLock: while the command connection cannot
+// take a byte more (Redis frozen, the socket's buffer full), subscribers
+// still leave at once: each count they change is queued in their
+// channel's order and written later, with no channel's lock held while
+// the write waits. Both disconnect events reach the hook before the
+// waiting write fails, as neither leave waits for it.
+func TestRedisWriteThatWaitsHoldsNoLock(t *testing.T) {
+	rs := startRedis(t)
+	hook := startHook(t, nil)
+	d := startDaemon(t, "-redis", rs.url(), "-hook-events")
+	t.Cleanup(func() { rs.cmd.Process.Signal(syscall.SIGCONT) }) // before the daemon stops
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
+	a, b := d.dial(ch.SubscriberToken), d.dial(ch.SubscriberToken)
+	for range 2 {
+		recv(t, hook.requests, "connect event")
+	}
+	cmd := d.hub.engine.(*redisEngine).cmd
+	connection := func() *redisConn {
+		cmd.mu.Lock()
+		defer cmd.mu.Unlock()
+		return cmd.conn
+	}
+	stuck := connection()
+	if stuck == nil {
+		t.Fatal("no command connection to Redis")
+	}
+	if err := rs.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	fillSocket(t, stuck.Conn)
+	a.conn.Close()
+	b.conn.Close()
+	for range 2 {
+		r := recv(t, hook.requests, "disconnect event")
+		if event := r.header.Get("X-Gockets-Event"); event != "disconnect" {
+			t.Fatalf("the hook got %q %q, want a disconnect event", event, r.body)
+		}
+		if connection() != stuck {
+			t.Fatal("a disconnect reached the hook only once the write that waited for Redis had failed")
+		}
+	}
+}
+
+// fillSocket writes to conn, never waiting, until the kernel takes no
+// more: what a Redis that stopped reading leaves after the writes it did
+// take. The bytes begin a bulk string longer than Redis accepts, so that
+// Redis, once it reads them, closes the connection rather than run them.
+func fillSocket(t *testing.T, conn net.Conn) {
+	t.Helper()
+	raw, err := conn.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, 64<<10)
+	copy(chunk, "*1\r\n$1000000000000\r\n")
+	written, full := 0, false
+	var werr error
+	err = raw.Write(func(fd uintptr) bool {
+		for written < 1<<30 {
+			n, err := syscall.Write(int(fd), chunk)
+			if err == syscall.EAGAIN {
+				full = true
+				return true
+			}
+			if err != nil {
+				werr = err
+				return true
+			}
+			written += n
+			clear(chunk[:min(n, 32)])
+		}
+		return true
+	})
+	if err = cmp.Or(err, werr); err != nil || !full {
+		t.Fatalf("filling the socket: %d bytes written, full %v, %v", written, full, err)
+	}
+}
+
 // FuzzRESP: the reply parser never panics, never claims more than it read,
 // and what it parses encodes back to the same bytes.
 func FuzzRESP(f *testing.F) {
@@ -6054,6 +6227,7 @@ func TestRedisPassesTheOneNodeTests(t *testing.T) {
 		{"BacklogLongerThanTheSendQueueWaits", TestBacklogLongerThanTheSendQueueWaits},
 		{"BacklogTheSendQueueLeftWaitsPastLivePublishes", TestBacklogTheSendQueueLeftWaitsPastLivePublishes},
 		{"ResumeLeavesWhatItDidNotTakeForTheNextSubscriber", TestResumeLeavesWhatItDidNotTakeForTheNextSubscriber},
+		{"FailedUpgradeGivesTheBacklogBack", TestFailedUpgradeGivesTheBacklogBack},
 		{"SSEResumesFromLastEventID", TestSSEResumesFromLastEventID},
 		{"BinaryMessagesBothWays", TestBinaryMessagesBothWays},
 		{"PresenceEventsOncePerChange", TestPresenceEventsOncePerChange},
