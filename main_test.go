@@ -4008,7 +4008,10 @@ func BenchmarkWebSocketFrame(b *testing.B) {
 		raw, _ := conn.(*net.TCPConn).SyscallConn()
 		pool := &sync.Pool{New: func() any { return new([]byte) }}
 		noDeadline := func() error { return nil }
-		out := &frameBatch{conn: conn, raw: raw, pool: pool, arm: noDeadline, disarm: noDeadline}
+		out := &frameBatch{conn: conn, fd: -1, pool: pool, arm: noDeadline, disarm: noDeadline}
+		if err := raw.Control(func(fd uintptr) { out.fd = int(fd) }); err != nil {
+			b.Fatal(err)
+		}
 		m := textMessage(data)
 		b.ReportAllocs()
 		b.ResetTimer()
@@ -4041,12 +4044,9 @@ func TestSubscriberConnectionHasTheCappedSendBuffer(t *testing.T) {
 		out = s.out
 		return out != nil
 	})
-	var size int
-	var err error
-	if cerr := out.raw.Control(func(fd uintptr) {
-		size, err = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF)
-	}); cerr != nil || err != nil {
-		t.Fatalf("get send buffer: %v %v", cerr, err)
+	size, err := syscall.GetsockoptInt(out.fd, syscall.SOL_SOCKET, syscall.SO_SNDBUF)
+	if err != nil {
+		t.Fatalf("get send buffer: %v", err)
 	}
 	if size != 2*sendBufferBytes { // Linux doubles what was set, for its bookkeeping
 		t.Errorf("send buffer of a subscriber's connection: %d bytes, want %d", size, 2*sendBufferBytes)
