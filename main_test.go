@@ -24,6 +24,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"math/big"
+	mathrand "math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -4778,6 +4779,432 @@ func TestOfferClaimsOnlyASubscriberWithNothingUnderWay(t *testing.T) {
 			}
 		})
 	}
+}
+
+// ---- Frames reach only their own connection ----
+
+// TestFramesReachOnlyTheirOwnConnection: publishers and writers send frames
+// with a raw system call to a descriptor number taken at the upgrade, past
+// net.Conn's reference count. Were that descriptor ever closed while a
+// write could still use the number, the kernel would give the number to the
+// next connection opened, and a channel's frames would go to a stranger:
+// another subscriber, an admin client, a socket of the daemon's own.
+// Here subscribers of several channels churn (they vanish mid-stream, reset
+// the connection, close cleanly, stop reading and may be evicted, lose
+// their channel to a DELETE) while publishers send messages that name
+// their channel, of sizes the kernel takes at once or only in part. Every
+// client checks that each frame it gets is well formed, whole and of its
+// own channel, in its publisher's order; every admin request must answer as
+// the contract says. Clients and daemon share this process's descriptors,
+// so a number reused is reused among them.
+func TestFramesReachOnlyTheirOwnConnection(t *testing.T) {
+	const (
+		channels   = 6
+		publishers = 2   // per channel
+		churners   = 3   // per channel, but the first
+		wide       = 120 // subscribers that churn on the first channel, whose fan-outs take long
+		duration   = 3 * time.Second
+	)
+	d := startDaemonWith(t, func(c *config) { c.sendQueue = 8 }, "-backlog", "0", "-log-level", "2")
+	transport := &http.Transport{MaxIdleConnsPerHost: 4}
+	t.Cleanup(transport.CloseIdleConnections)
+	client := &http.Client{Transport: transport, Timeout: waitTimeout}
+
+	// A slot holds a channel that a DELETE replaces with a new one; the
+	// tag names the slot and the generation.
+	type tokens struct {
+		pub, sub, tag string
+		deleted       atomic.Bool // set before the DELETE is sent
+	}
+	slots := make([]atomic.Pointer[tokens], channels)
+	prepare := func(slot, gen int) (*tokens, error) {
+		var ch channelJSON
+		status, body, err := adminCall(d, client, "POST", "/channel/prepare", nil)
+		if err == nil && (status != http.StatusOK || json.Unmarshal([]byte(body), &ch) != nil) {
+			err = fmt.Errorf("prepare: %d %s", status, body)
+		}
+		return &tokens{pub: ch.PublisherToken, sub: ch.SubscriberToken, tag: fmt.Sprintf("c%d.%d", slot, gen)}, err
+	}
+	for i := range slots {
+		tk, err := prepare(i, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		slots[i].Store(tk)
+	}
+
+	var counts struct{ subscriptions, refused, frames, bytes, evicted, published, deletes atomic.Int64 }
+	deadline := time.Now().Add(duration)
+	var wg sync.WaitGroup
+	for slot := range slots {
+		for p := range publishers {
+			wg.Go(func() {
+				rng := mathrand.New(mathrand.NewPCG(uint64(slot), uint64(p)))
+				for seq := 0; time.Now().Before(deadline); seq++ {
+					tk := slots[slot].Load()
+					size := 64
+					switch rng.IntN(16) {
+					case 0, 1:
+						if slot != 0 { // to fill slow readers, not to slow the wide fan-outs
+							size = 200 << 10 // more than the kernel takes at once from a reader that lags
+						}
+					case 2, 3:
+						size = 6 << 10
+					}
+					status, reply, err := adminCall(d, client, "POST", "/channel/publish/"+tk.pub, ownMessage(tk.tag, p, seq, size))
+					switch {
+					case err != nil:
+						t.Errorf("publish to %s: %v", tk.tag, err)
+						return
+					case status == http.StatusOK && strings.HasPrefix(reply, `{"type":"INF"`):
+						counts.published.Add(1)
+					case status == http.StatusNotFound && tk.deleted.Load():
+					default:
+						t.Errorf("publish to %s: %d %s", tk.tag, status, reply)
+						return
+					}
+				}
+			})
+		}
+		subscribers := churners
+		if slot == 0 {
+			subscribers = wide
+		}
+		for c := range subscribers {
+			wg.Go(func() {
+				rng := mathrand.New(mathrand.NewPCG(uint64(slot), uint64(100+c)))
+				for time.Now().Before(deadline) {
+					tk := slots[slot].Load()
+					n, err := churnOnce(d, tk.sub, tk.tag, rng, deadline)
+					counts.frames.Add(int64(n.frames))
+					counts.bytes.Add(n.bytes)
+					if n.evicted {
+						counts.evicted.Add(1)
+					}
+					switch {
+					case err != nil:
+						t.Errorf("subscriber of %s: %v", tk.tag, err)
+						return
+					case n.refused && !tk.deleted.Load():
+						t.Errorf("subscriber of %s refused, yet its channel was not deleted", tk.tag)
+						return
+					case n.refused:
+						counts.refused.Add(1)
+					default:
+						counts.subscriptions.Add(1)
+					}
+				}
+			})
+		}
+	}
+	wg.Go(func() { // descriptors of a stranger: nothing may ever arrive on them
+		for time.Now().Before(deadline) {
+			if err := canary(50 * time.Microsecond); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	})
+	wg.Go(func() { // the app deletes channels and makes new ones
+		tick := time.NewTicker(150 * time.Millisecond)
+		defer tick.Stop()
+		end := time.NewTimer(time.Until(deadline))
+		defer end.Stop()
+		for gen := 1; ; gen++ {
+			select {
+			case <-tick.C:
+			case <-end.C:
+				return
+			}
+			slot := gen % channels
+			old := slots[slot].Load()
+			old.deleted.Store(true)
+			status, body, err := adminCall(d, client, "DELETE", "/channel/publish/"+old.pub, nil)
+			if err == nil && status != http.StatusOK {
+				err = fmt.Errorf("%d %s", status, body)
+			}
+			if err != nil {
+				t.Errorf("delete %s: %v", old.tag, err)
+				return
+			}
+			counts.deletes.Add(1)
+			tk, err := prepare(slot, gen)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			slots[slot].Store(tk)
+		}
+	})
+	wg.Wait()
+	t.Logf("%d subscriptions (and %d refused: channel deleted), %d frames (%d KiB) checked, %d slow readers evicted, %d publishes, %d deletes",
+		counts.subscriptions.Load(), counts.refused.Load(), counts.frames.Load(), counts.bytes.Load()>>10,
+		counts.evicted.Load(), counts.published.Load(), counts.deletes.Load())
+	if counts.frames.Load() < 1000 || counts.subscriptions.Load() < 100 || counts.deletes.Load() == 0 {
+		t.Errorf("too little happened to judge: %d frames, %d subscriptions, %d deletes",
+			counts.frames.Load(), counts.subscriptions.Load(), counts.deletes.Load())
+	}
+}
+
+// canary opens a pair of connected sockets, which take the lowest
+// descriptor numbers free, as any connection or file opened would, and
+// says whether anything arrives on either within hold.
+func canary(hold time.Duration) error {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("socketpair: %w", err)
+	}
+	defer syscall.Close(fds[0])
+	defer syscall.Close(fds[1])
+	var set syscall.FdSet
+	if top := max(fds[0], fds[1]); top < 64*len(set.Bits) { // beyond, the set cannot name it: read at once
+		for _, fd := range fds {
+			set.Bits[fd/64] |= 1 << (fd % 64)
+		}
+		tv := syscall.NsecToTimeval(hold.Nanoseconds())
+		if _, err := syscall.Select(top+1, &set, nil, nil, &tv); err != nil && err != syscall.EINTR {
+			return fmt.Errorf("select: %w", err)
+		}
+	}
+	buf := make([]byte, 64)
+	for _, fd := range fds {
+		if n, _ := syscall.Read(fd, buf); n > 0 {
+			return fmt.Errorf("descriptor %d, which no connection of the daemon has, received %q", fd, buf[:n])
+		}
+	}
+	return nil
+}
+
+// adminCall makes an admin request from any goroutine: it returns errors
+// rather than failing the test.
+func adminCall(d *daemon, client *http.Client, method, path string, body []byte) (int, string, error) {
+	req, err := http.NewRequest(method, d.url+path, bytes.NewReader(body))
+	if err != nil {
+		return 0, "", err
+	}
+	req.Host = "localhost"
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+// ownMessage is the seq-th message publisher p sends to the channel tagged
+// tag: its header names them, and the rest repeats the tag, so that a byte
+// from elsewhere shows.
+func ownMessage(tag string, p, seq, size int) []byte {
+	b := fmt.Appendf(make([]byte, 0, size+len(tag)), "%s %d %d ", tag, p, seq)
+	header := len(b)
+	for len(b) < size {
+		b = append(append(b, tag...), '|')
+	}
+	return b[:max(size, header)]
+}
+
+// churned is what one subscription saw.
+type churned struct {
+	frames  int
+	bytes   int64
+	refused bool // 404 or 403: its channel had just been deleted
+	evicted bool // closed with 1008: too slow
+}
+
+// churnOnce subscribes to the channel tagged tag and ends one of several
+// ways, checking every frame that arrives; the error says what was wrong.
+// Nothing waits past deadline and a second.
+func churnOnce(d *daemon, subscriberToken, tag string, rng *mathrand.Rand, deadline time.Time) (churned, error) {
+	var n churned
+	u, err := url.Parse(d.wsURL(subscriberToken))
+	if err != nil {
+		return n, err
+	}
+	way := rng.IntN(5)
+	dialer := &net.Dialer{}
+	if way == 3 { // a reader that stops: a small receive buffer fills at once
+		dialer.Control = func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+			return errors.Join(err, serr)
+		}
+	}
+	conn, err := dialer.Dial("tcp", u.Host)
+	if err != nil {
+		return n, err
+	}
+	defer conn.Close()
+	end := deadline.Add(time.Second)
+	if err := conn.SetDeadline(end); err != nil {
+		return n, err
+	}
+	key := make([]byte, 16)
+	rand.Read(key)
+	if _, err := fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n",
+		u.Path, u.Host, base64.StdEncoding.EncodeToString(key)); err != nil {
+		return n, err
+	}
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return n, fmt.Errorf("upgrade answered with no HTTP response (another connection's frame?): %w", err)
+	}
+	resp.Body.Close()
+	switch resp.StatusCode {
+	case http.StatusSwitchingProtocols:
+	case http.StatusNotFound, http.StatusForbidden: // deleted before the lookup, or between it and the join
+		n.refused = true
+		return n, nil
+	default:
+		return n, fmt.Errorf("upgrade: %s", resp.Status)
+	}
+
+	next := map[int]int{} // each publisher's next seq, at least
+	// read takes a frame and checks it: a message of this channel, or a
+	// close frame, whose code it returns.
+	read := func() (closed int, err error) {
+		op, payload, err := readServerFrame(br, 1<<20)
+		if err != nil {
+			return 0, err
+		}
+		switch op {
+		case websocket.TextFrame:
+		case websocket.CloseFrame:
+			if len(payload) < 2 {
+				return 0, fmt.Errorf("close frame % x", payload)
+			}
+			return int(binary.BigEndian.Uint16(payload)), nil
+		default:
+			return 0, fmt.Errorf("frame with opcode %d: %.32q", op, payload)
+		}
+		var got string
+		var p, seq int
+		if _, err := fmt.Sscanf(string(payload[:min(len(payload), 64)]), "%s %d %d ", &got, &p, &seq); err != nil || got != tag ||
+			!bytes.Equal(payload, ownMessage(tag, p, seq, len(payload))) {
+			return 0, fmt.Errorf("a subscriber of %s got a frame of %d bytes: %.48q", tag, len(payload), payload)
+		}
+		if seq < next[p] {
+			return 0, fmt.Errorf("a subscriber of %s got message %d of publisher %d after %d", tag, seq, p, next[p]-1)
+		}
+		next[p] = seq + 1
+		n.frames++
+		n.bytes += int64(len(payload))
+		return 0, nil
+	}
+	// drain reads until the server closes, or until its time is up.
+	drain := func(until time.Time, codes ...int) error {
+		if err := conn.SetReadDeadline(until); err != nil {
+			return err
+		}
+		for {
+			code, err := read()
+			switch {
+			case isTimeout(err) && !time.Now().Before(until):
+				return nil
+			case errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET):
+				return nil // after a write the server had to cut, no close frame can follow
+			case err != nil:
+				return err
+			case code == closePolicyViolation:
+				n.evicted = true
+				fallthrough
+			case code != 0:
+				if !slices.Contains(codes, code) {
+					return fmt.Errorf("closed with %d, want one of %v", code, codes)
+				}
+				return nil
+			}
+		}
+	}
+	if way < 2 {
+		// It goes at a moment of its own, not just after a frame: most
+		// likely while a publisher's fan-out has claimed it and not yet
+		// written to it, or while its writer is at work.
+		stay := time.Now().Add(time.Duration(1+rng.IntN(40)) * time.Millisecond)
+		if err := conn.SetReadDeadline(earliest(end, stay)); err != nil {
+			return n, err
+		}
+	}
+	if way != 3 {
+		frames := 1 + rng.IntN(30)
+		for i := 0; way < 2 || i < frames; i++ {
+			code, err := read()
+			switch {
+			case isTimeout(err):
+				return n, nil // its time, or the test's, is up
+			case errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET):
+				return n, nil // evicted in the middle of a write: no close frame can follow
+			case err != nil:
+				return n, err
+			case code != 0:
+				if code != closeNormal && code != closePolicyViolation {
+					return n, fmt.Errorf("closed with %d", code)
+				}
+				n.evicted = code == closePolicyViolation
+				return n, nil
+			}
+		}
+	}
+	switch way {
+	case 0: // vanishes mid-stream
+		return n, nil
+	case 1: // resets the connection
+		return n, conn.(*net.TCPConn).SetLinger(0)
+	case 2: // closes cleanly
+		mask := []byte{0, 0, 0, 0}
+		if _, err := conn.Write(append([]byte{0x80 | websocket.CloseFrame, 0x80 | 2}, append(mask, 0x03, 0xe8)...)); err != nil {
+			return n, nil // the server has closed already
+		}
+		return n, drain(end, closeNormal, closePolicyViolation)
+	case 3: // stops reading for a while (evicted if its channel is busy), then reads what came
+		<-time.After(time.Until(earliest(end, time.Now().Add(time.Duration(100+rng.IntN(900))*time.Millisecond))))
+		return n, drain(earliest(end, time.Now().Add(300*time.Millisecond)), closeNormal, closePolicyViolation)
+	}
+	return n, drain(earliest(end, time.Now().Add(time.Second)), closeNormal, closePolicyViolation) // stays a while: its channel may be deleted
+}
+
+// earliest is the earlier of two times.
+func earliest(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}
+
+// readServerFrame reads a frame a server sent, and refuses what a server
+// never sends: a fragment, reserved bits, a masked frame, a payload above
+// limit.
+func readServerFrame(br *bufio.Reader, limit uint64) (opcode byte, payload []byte, err error) {
+	var hdr [2]byte
+	if _, err := io.ReadFull(br, hdr[:]); err != nil {
+		return 0, nil, err
+	}
+	if hdr[0]&0xf0 != 0x80 || hdr[1]&0x80 != 0 {
+		return 0, nil, fmt.Errorf("frame header % x: a fragment, reserved bits or masked", hdr)
+	}
+	length := uint64(hdr[1] & 0x7f)
+	if length >= 126 {
+		ext := make([]byte, 2)
+		if length == 127 {
+			ext = make([]byte, 8)
+		}
+		if _, err := io.ReadFull(br, ext); err != nil {
+			return 0, nil, err
+		}
+		length = 0
+		for _, x := range ext {
+			length = length<<8 | uint64(x)
+		}
+	}
+	if length > limit {
+		return 0, nil, fmt.Errorf("frame header % x: %d bytes", hdr, length)
+	}
+	payload = make([]byte, length)
+	if _, err := io.ReadFull(br, payload); err != nil {
+		return 0, nil, err
+	}
+	return hdr[0] & 0x0f, payload, nil
 }
 
 // ---- The examples of README.md ----
