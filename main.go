@@ -3304,6 +3304,10 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 			behind := sh.seen > sh.cursor
 			target := sh.seen
 			sh.mu.Unlock()
+			if !joined { // shutting down, or deleted, since Redis answered: no unjoin follows
+				r.giveBack(ch, s, backlog)
+				return false
+			}
 			if full && joined { // handed, not queued: too slow, as when a publish finds its queue full
 				s.log().Warn("subscriber too slow: disconnected", "queued", r.h.cfg.sendQueue)
 				r.h.stats.slowDisconnects.Add(1)
@@ -3320,6 +3324,7 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 			sh.mu.Unlock()
 			if err := r.catchUp(ch, last); err != nil {
 				s.log().Warn("catching up with the channel failed", "err", err)
+				r.giveBack(ch, s, backlog)
 				return false
 			}
 		default: // this node handed out more since: the newcomer gets them too
@@ -3328,6 +3333,7 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 			more, err := r.between(ch.publisherToken, last, to)
 			if err != nil {
 				s.log().Warn("reading the channel's stream failed", "err", err)
+				r.giveBack(ch, s, backlog)
 				return false
 			}
 			kept, last = append(kept, more...), to
@@ -3344,6 +3350,12 @@ func (r *redisEngine) unjoin(ch *channel, s *subscriber) {
 	taken := s.fromBacklog
 	s.fromBacklog = nil
 	ch.mu.Unlock()
+	r.giveBack(ch, s, taken)
+}
+
+// giveBack makes what a join took from the backlog, oldest first, and its
+// subscriber never had, wait for the next subscriber again.
+func (r *redisEngine) giveBack(ch *channel, s *subscriber, taken []*message) {
 	if len(taken) == 0 {
 		return
 	}

@@ -6487,6 +6487,32 @@ func TestRedisFailedUpgradeGivesTheBacklogBackToAnyNode(t *testing.T) {
 	sub.expectText("live")
 }
 
+// TestRedisJoinRefusedAtShutdownGivesTheBacklogBack: a WebSocket join
+// that Redis has answered, handing over what waited, is refused here when
+// the node began shutting down meanwhile (the upgrade then fails with no
+// unjoin): what it took waits again for the next subscriber, on any node.
+func TestRedisJoinRefusedAtShutdownGivesTheBacklogBack(t *testing.T) {
+	rs := startRedis(t)
+	a := startDaemon(t, "-redis", rs.url())
+	b := startNode(t, rs.url())
+	ch := a.prepare("")
+	a.publish(ch.PublisherToken, "kept 1")
+	a.publish(ch.PublisherToken, "kept 2")
+	c, err := a.hub.engine.find(context.Background(), ch.SubscriberToken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.hub.closing.Store(true) // what closeAll sets first, while this join was on its way to Redis
+	if a.hub.engine.join(c, a.hub.newSubscriber(c, "websocket"), false, 0) {
+		t.Fatal("join accepted while shutting down")
+	}
+	sub := b.dial(ch.SubscriberToken)
+	b.publish(ch.PublisherToken, "live")
+	sub.expectText("kept 1")
+	sub.expectText("kept 2")
+	sub.expectText("live")
+}
+
 // TestRedisWriteThatWaitsHoldsNoLock: while the command connection cannot
 // take a byte more (Redis frozen, the socket's buffer full), subscribers
 // still leave at once: each count they change is queued in their
