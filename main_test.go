@@ -6681,6 +6681,7 @@ func TestRedisPassesTheOneNodeTests(t *testing.T) {
 		{"BacklogTheSendQueueLeftWaitsPastLivePublishes", TestBacklogTheSendQueueLeftWaitsPastLivePublishes},
 		{"ResumeLeavesWhatItDidNotTakeForTheNextSubscriber", TestResumeLeavesWhatItDidNotTakeForTheNextSubscriber},
 		{"FailedUpgradeGivesTheBacklogBack", TestFailedUpgradeGivesTheBacklogBack},
+		{"FramesReachOnlyTheirOwnConnection", TestFramesReachOnlyTheirOwnConnection},
 		{"SSEResumesFromLastEventID", TestSSEResumesFromLastEventID},
 		{"BinaryMessagesBothWays", TestBinaryMessagesBothWays},
 		{"PresenceEventsOncePerChange", TestPresenceEventsOncePerChange},
