@@ -4765,7 +4765,7 @@ func TestOfferClaimsOnlyASubscriberWithNothingUnderWay(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := d.hub.newSubscriber(ch, "websocket")
-			s.out = &frameBatch{}
+			s.out = &frameBatch{fd: -1}
 			tc.state(s)
 			queued := len(s.queue)
 			if got := s.offer(m, nil); got != tc.want {
