@@ -57,7 +57,7 @@ import (
 // ---- Flags and config ----
 
 // version is what -version prints.
-const version = "0.4.1"
+const version = "0.4.2"
 
 // Timings and sizes that are not flags, each with its reason.
 const (
