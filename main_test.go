@@ -4948,28 +4948,33 @@ func TestFramesReachOnlyTheirOwnConnection(t *testing.T) {
 
 // canary opens a pair of connected sockets, which take the lowest
 // descriptor numbers free, as any connection or file opened would, and
-// says whether anything arrives on either within hold.
+// says whether anything arrives on either, waiting hold for each.
 func canary(hold time.Duration) error {
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
 	if err != nil {
 		return fmt.Errorf("socketpair: %w", err)
 	}
-	defer syscall.Close(fds[0])
-	defer syscall.Close(fds[1])
-	var set syscall.FdSet
-	if top := max(fds[0], fds[1]); top < 64*len(set.Bits) { // beyond, the set cannot name it: read at once
-		for _, fd := range fds {
-			set.Bits[fd/64] |= 1 << (fd % 64)
+	var ends []*os.File
+	defer func() {
+		for _, end := range ends {
+			end.Close()
 		}
-		tv := syscall.NsecToTimeval(hold.Nanoseconds())
-		if _, err := syscall.Select(top+1, &set, nil, nil, &tv); err != nil && err != syscall.EINTR {
-			return fmt.Errorf("select: %w", err)
+	}()
+	for _, fd := range fds {
+		syscall.CloseOnExec(fd)
+		if err := syscall.SetNonblock(fd, true); err != nil {
+			syscall.Close(fd)
+			return fmt.Errorf("socketpair: %w", err)
 		}
+		ends = append(ends, os.NewFile(uintptr(fd), "canary")) // non-blocking: its reads take deadlines
 	}
 	buf := make([]byte, 64)
-	for _, fd := range fds {
-		if n, _ := syscall.Read(fd, buf); n > 0 {
-			return fmt.Errorf("descriptor %d, which no connection of the daemon has, received %q", fd, buf[:n])
+	for i, end := range ends {
+		if err := end.SetReadDeadline(time.Now().Add(hold)); err != nil {
+			return fmt.Errorf("canary deadline: %w", err)
+		}
+		if n, _ := end.Read(buf); n > 0 {
+			return fmt.Errorf("descriptor %d, which no connection of the daemon has, received %q", fds[i], buf[:n])
 		}
 	}
 	return nil
