@@ -3298,9 +3298,6 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 				queued++
 			}
 			joined := r.h.join(ch, s, false, 0)
-			ch.mu.Lock()
-			s.fromBacklog = backlog[:min(queued, len(backlog))]
-			ch.mu.Unlock()
 			behind := sh.seen > sh.cursor
 			target := sh.seen
 			sh.mu.Unlock()
@@ -3308,18 +3305,21 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 				r.giveBack(ch, s, backlog)
 				return false
 			}
-			if full && joined { // handed, not queued: too slow, as when a publish finds its queue full
+			ch.mu.Lock()
+			s.fromBacklog = backlog[:min(queued, len(backlog))] // for unjoin, should the upgrade fail
+			ch.mu.Unlock()
+			if full { // handed, not queued: too slow, as when a publish finds its queue full
 				s.log().Warn("subscriber too slow: disconnected", "queued", r.h.cfg.sendQueue)
 				r.h.stats.slowDisconnects.Add(1)
 				s.stop(farewell{closePolicyViolation, "too slow: send queue full", false})
-				return joined
+				return true
 			}
 			if behind { // announced before this node followed the channel
 				if err := r.catchUp(ch, target); err != nil {
 					s.log().Warn("catching up with the channel failed", "err", err)
 				}
 			}
-			return joined
+			return true
 		case sh.cursor < last: // announcements still on their way: take them now
 			sh.mu.Unlock()
 			if err := r.catchUp(ch, last); err != nil {
