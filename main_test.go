@@ -1830,6 +1830,61 @@ func TestHookRedirectsAreNotFollowedAndSpentFramesDropped(t *testing.T) {
 	}
 }
 
+// TestHookRetriesAsTheREADMESays measures the default retry policy, which
+// the other hook tests replace by a faster one: a 5xx is tried 5 times in
+// all, waiting 0.25 s, 0.5 s, 1 s and 2 s between the attempts, then
+// dropped; a 4xx is tried once.
+func TestHookRetriesAsTheREADMESays(t *testing.T) {
+	type attempt struct {
+		body string
+		at   time.Time
+	}
+	attempts := make(chan attempt, 100)
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		attempts <- attempt{string(body), time.Now()}
+		switch string(body) {
+		case "refused":
+			w.WriteHeader(http.StatusBadRequest)
+		case "spent":
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	}))
+	t.Cleanup(hook.Close)
+	d := startDaemon(t)
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.URL))
+	c := d.dial(ch.SubscriberToken)
+	// One connection's queue: each is posted once the one before is done.
+	for _, m := range []string{"refused", "spent", "delivered"} {
+		c.send(true, websocket.TextFrame, []byte(m))
+	}
+	var got []attempt
+	for len(got) == 0 || got[len(got)-1].body != "delivered" {
+		got = append(got, recv(t, attempts, "a hook attempt"))
+	}
+	var bodies []string
+	for _, a := range got {
+		bodies = append(bodies, a.body)
+	}
+	if want := []string{"refused", "spent", "spent", "spent", "spent", "spent", "delivered"}; !slices.Equal(bodies, want) {
+		t.Fatalf("hook attempts %q, want %q", bodies, want)
+	}
+	// The waits between the attempts at "spent"; a POST to loopback adds
+	// little, so each gap is its wait and at most a fifth of a second more.
+	for i, wait := range []time.Duration{250 * time.Millisecond, 500 * time.Millisecond, time.Second, 2 * time.Second} {
+		gap := got[2+i].at.Sub(got[1+i].at)
+		if gap < wait || gap > wait+200*time.Millisecond {
+			t.Errorf("attempt %d came %v after attempt %d, want %v (and at most 200 ms more)", i+2, gap, i+1, wait)
+		}
+	}
+	if n := d.hub.stats.hookFailed.Load(); n != 2 {
+		t.Errorf("%d messages dropped, want 2 (the 4xx and the spent one)", n)
+	}
+	if logs := d.logs.String(); !strings.Contains(logs, "attempt 5 of 5") || !strings.Contains(logs, "attempt 1 of 5") {
+		t.Errorf("the log does not say which attempt each drop came after:\n%s", logs)
+	}
+}
+
 func TestHookQueueIsBounded(t *testing.T) {
 	d := startDaemon(t)
 	release := make(chan struct{})
