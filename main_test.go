@@ -2238,6 +2238,31 @@ func TestBacklogIsBoundedAndExpires(t *testing.T) {
 	})
 }
 
+// TestBacklogKeepsTheLast100ByDefault: without -backlog, a channel nobody
+// listens to keeps the last 100 messages, as the README says, and the
+// next subscriber gets those, in order, and nothing older.
+func TestBacklogKeepsTheLast100ByDefault(t *testing.T) {
+	const kept = 100
+	d := startDaemon(t)
+	ch := d.prepare("")
+	for i := range kept + 1 {
+		if r := d.publish(ch.PublisherToken, fmt.Sprint("m", i)); !r.Queued || r.Subscribers != 0 {
+			t.Fatalf("publish %d with nobody listening: %+v, want queued", i, r)
+		}
+	}
+	c := d.dial(ch.SubscriberToken)
+	for i := 1; i <= kept; i++ { // m0 made room for m100
+		c.expectText(fmt.Sprint("m", i))
+	}
+	if r := d.publish(ch.PublisherToken, "live"); r.Queued || r.Subscribers != 1 {
+		t.Fatalf("publish with a subscriber: %+v", r)
+	}
+	c.expectText("live") // nothing kept beyond the 100
+	if n := d.hub.stats.droppedBacklogFull.Load(); n != 1 {
+		t.Errorf("%d kept messages dropped for room, want 1", n)
+	}
+}
+
 func TestIdleChannelsExpire(t *testing.T) {
 	d := startDaemon(t, "-channel-ttl", "100ms")
 	idle := d.prepare("")
