@@ -914,6 +914,57 @@ func TestPingKeepsAnsweringSubscribersAndClosesSilentOnes(t *testing.T) {
 	}
 }
 
+// TestSilentSubscriberIsClosedTwoIntervalsAfterItsLastFrame measures the
+// README's figures, which TestPingKeepsAnsweringSubscribersAndClosesSilentOnes
+// bounds loosely: a ping every interval, and a subscriber that has sent
+// nothing, no pong and no frame, for two intervals closed with 1001 then,
+// not sooner (a pong may take an interval) and not much later (proxies
+// are told to wait two intervals and a little more).
+func TestSilentSubscriberIsClosedTwoIntervalsAfterItsLastFrame(t *testing.T) {
+	const interval = 500 * time.Millisecond
+	d := startDaemonWith(t, func(c *config) { c.pingInterval = interval })
+	ch := d.prepare("")
+	c := d.dial(ch.SubscriberToken)
+	var pings []time.Time
+	for len(pings) < 3 {
+		op, p := c.frame()
+		if op != websocket.PingFrame {
+			t.Fatalf("frame %d %q, want a ping", op, p)
+		}
+		pings = append(pings, time.Now())
+		c.send(true, websocket.PongFrame, p)
+	}
+	// The last frame is a message, not a pong: any frame shows it is alive.
+	if op, p := c.frame(); op != websocket.PingFrame {
+		t.Fatalf("frame %d %q, want a ping", op, p)
+	}
+	pings = append(pings, time.Now())
+	last := time.Now() // the daemon reads the frame after this
+	c.send(true, websocket.TextFrame, []byte("still here"))
+	for i := 1; i < len(pings); i++ {
+		if gap := pings[i].Sub(pings[i-1]); gap < interval*8/10 || gap > interval*5/4 {
+			t.Errorf("ping %d came %v after the one before, want about %v", i+1, gap, interval)
+		}
+	}
+	// Silent now: pings may still come, then the close.
+	for {
+		op, p := c.frame()
+		if op == websocket.PingFrame {
+			continue
+		}
+		if op != websocket.CloseFrame || len(p) < 2 || binary.BigEndian.Uint16(p) != closeGoingAway {
+			t.Fatalf("got frame %d %q, want close 1001", op, p)
+		}
+		break
+	}
+	if elapsed := time.Since(last); elapsed < 2*interval || elapsed > 2*interval+interval/2 {
+		t.Errorf("closed %v after the last frame, want two intervals (%v) and at most half an interval more", elapsed, 2*interval)
+	}
+	if n := d.listeners(ch.PublisherToken); n != 0 {
+		t.Errorf("listeners = %d once closed, want 0", n)
+	}
+}
+
 func TestListenersIsExact(t *testing.T) {
 	d := startDaemon(t)
 	ch := d.prepare("")
