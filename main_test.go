@@ -914,6 +914,57 @@ func TestPingKeepsAnsweringSubscribersAndClosesSilentOnes(t *testing.T) {
 	}
 }
 
+// TestSilentSubscriberIsClosedTwoIntervalsAfterItsLastFrame measures the
+// README's figures, which TestPingKeepsAnsweringSubscribersAndClosesSilentOnes
+// bounds loosely: a ping every interval, and a subscriber that has sent
+// nothing, no pong and no frame, for two intervals closed with 1001 then,
+// not sooner (a pong may take an interval) and not much later (proxies
+// are told to wait two intervals and a little more).
+func TestSilentSubscriberIsClosedTwoIntervalsAfterItsLastFrame(t *testing.T) {
+	const interval = 500 * time.Millisecond
+	d := startDaemonWith(t, func(c *config) { c.pingInterval = interval })
+	ch := d.prepare("")
+	c := d.dial(ch.SubscriberToken)
+	var pings []time.Time
+	for len(pings) < 3 {
+		op, p := c.frame()
+		if op != websocket.PingFrame {
+			t.Fatalf("frame %d %q, want a ping", op, p)
+		}
+		pings = append(pings, time.Now())
+		c.send(true, websocket.PongFrame, p)
+	}
+	// The last frame is a message, not a pong: any frame shows it is alive.
+	if op, p := c.frame(); op != websocket.PingFrame {
+		t.Fatalf("frame %d %q, want a ping", op, p)
+	}
+	pings = append(pings, time.Now())
+	last := time.Now() // the daemon reads the frame after this
+	c.send(true, websocket.TextFrame, []byte("still here"))
+	for i := 1; i < len(pings); i++ {
+		if gap := pings[i].Sub(pings[i-1]); gap < interval*8/10 || gap > interval*5/4 {
+			t.Errorf("ping %d came %v after the one before, want about %v", i+1, gap, interval)
+		}
+	}
+	// Silent now: pings may still come, then the close.
+	for {
+		op, p := c.frame()
+		if op == websocket.PingFrame {
+			continue
+		}
+		if op != websocket.CloseFrame || len(p) < 2 || binary.BigEndian.Uint16(p) != closeGoingAway {
+			t.Fatalf("got frame %d %q, want close 1001", op, p)
+		}
+		break
+	}
+	if elapsed := time.Since(last); elapsed < 2*interval || elapsed > 2*interval+interval/2 {
+		t.Errorf("closed %v after the last frame, want two intervals (%v) and at most half an interval more", elapsed, 2*interval)
+	}
+	if n := d.listeners(ch.PublisherToken); n != 0 {
+		t.Errorf("listeners = %d once closed, want 0", n)
+	}
+}
+
 func TestListenersIsExact(t *testing.T) {
 	d := startDaemon(t)
 	ch := d.prepare("")
@@ -1830,6 +1881,61 @@ func TestHookRedirectsAreNotFollowedAndSpentFramesDropped(t *testing.T) {
 	}
 }
 
+// TestHookRetriesAsTheREADMESays measures the default retry policy, which
+// the other hook tests replace by a faster one: a 5xx is tried 5 times in
+// all, waiting 0.25 s, 0.5 s, 1 s and 2 s between the attempts, then
+// dropped; a 4xx is tried once.
+func TestHookRetriesAsTheREADMESays(t *testing.T) {
+	type attempt struct {
+		body string
+		at   time.Time
+	}
+	attempts := make(chan attempt, 100)
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		attempts <- attempt{string(body), time.Now()}
+		switch string(body) {
+		case "refused":
+			w.WriteHeader(http.StatusBadRequest)
+		case "spent":
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	}))
+	t.Cleanup(hook.Close)
+	d := startDaemon(t)
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.URL))
+	c := d.dial(ch.SubscriberToken)
+	// One connection's queue: each is posted once the one before is done.
+	for _, m := range []string{"refused", "spent", "delivered"} {
+		c.send(true, websocket.TextFrame, []byte(m))
+	}
+	var got []attempt
+	for len(got) == 0 || got[len(got)-1].body != "delivered" {
+		got = append(got, recv(t, attempts, "a hook attempt"))
+	}
+	var bodies []string
+	for _, a := range got {
+		bodies = append(bodies, a.body)
+	}
+	if want := []string{"refused", "spent", "spent", "spent", "spent", "spent", "delivered"}; !slices.Equal(bodies, want) {
+		t.Fatalf("hook attempts %q, want %q", bodies, want)
+	}
+	// The waits between the attempts at "spent"; a POST to loopback adds
+	// little, so each gap is its wait and at most a fifth of a second more.
+	for i, wait := range []time.Duration{250 * time.Millisecond, 500 * time.Millisecond, time.Second, 2 * time.Second} {
+		gap := got[2+i].at.Sub(got[1+i].at)
+		if gap < wait || gap > wait+200*time.Millisecond {
+			t.Errorf("attempt %d came %v after attempt %d, want %v (and at most 200 ms more)", i+2, gap, i+1, wait)
+		}
+	}
+	if n := d.hub.stats.hookFailed.Load(); n != 2 {
+		t.Errorf("%d messages dropped, want 2 (the 4xx and the spent one)", n)
+	}
+	if logs := d.logs.String(); !strings.Contains(logs, "attempt 5 of 5") || !strings.Contains(logs, "attempt 1 of 5") {
+		t.Errorf("the log does not say which attempt each drop came after:\n%s", logs)
+	}
+}
+
 func TestHookQueueIsBounded(t *testing.T) {
 	d := startDaemon(t)
 	release := make(chan struct{})
@@ -2181,6 +2287,31 @@ func TestBacklogIsBoundedAndExpires(t *testing.T) {
 		d.publish(ch.PublisherToken, "fresh")
 		c.expectText("fresh")
 	})
+}
+
+// TestBacklogKeepsTheLast100ByDefault: without -backlog, a channel nobody
+// listens to keeps the last 100 messages, as the README says, and the
+// next subscriber gets those, in order, and nothing older.
+func TestBacklogKeepsTheLast100ByDefault(t *testing.T) {
+	const kept = 100
+	d := startDaemon(t)
+	ch := d.prepare("")
+	for i := range kept + 1 {
+		if r := d.publish(ch.PublisherToken, fmt.Sprint("m", i)); !r.Queued || r.Subscribers != 0 {
+			t.Fatalf("publish %d with nobody listening: %+v, want queued", i, r)
+		}
+	}
+	c := d.dial(ch.SubscriberToken)
+	for i := 1; i <= kept; i++ { // m0 made room for m100
+		c.expectText(fmt.Sprint("m", i))
+	}
+	if r := d.publish(ch.PublisherToken, "live"); r.Queued || r.Subscribers != 1 {
+		t.Fatalf("publish with a subscriber: %+v", r)
+	}
+	c.expectText("live") // nothing kept beyond the 100
+	if n := d.hub.stats.droppedBacklogFull.Load(); n != 1 {
+		t.Errorf("%d kept messages dropped for room, want 1", n)
+	}
 }
 
 func TestIdleChannelsExpire(t *testing.T) {
