@@ -2432,10 +2432,21 @@ func startProcess(t *testing.T, args ...string) *process {
 // hard) of openFiles, unless it is 0.
 func startProcessWith(t *testing.T, openFiles int, args ...string) *process {
 	t.Helper()
+	setup := ""
+	if openFiles > 0 {
+		setup = fmt.Sprintf("ulimit -n %d", openFiles)
+	}
+	return startProcessAfter(t, setup, args...)
+}
+
+// startProcessAfter starts the daemon from a shell that first runs setup
+// (such as ulimit or umask), unless it is empty.
+func startProcessAfter(t *testing.T, setup string, args ...string) *process {
+	t.Helper()
 	args = append([]string{"-bind", "127.0.0.1", "-port", "0", "-log-level", "3"}, args...)
 	cmd := exec.Command(os.Args[0], args...)
-	if openFiles > 0 {
-		cmd = exec.Command("sh", append([]string{"-c", fmt.Sprintf(`ulimit -n %d && exec "$0" "$@"`, openFiles), os.Args[0]}, args...)...)
+	if setup != "" {
+		cmd = exec.Command("sh", append([]string{"-c", setup + ` && exec "$0" "$@"`, os.Args[0]}, args...)...)
 	}
 	// atexit_sleep_ms: under -race, do not linger a second after exiting.
 	cmd.Env = append(os.Environ(), "GOCKETS_TEST_RUN_MAIN=1", "GORACE=atexit_sleep_ms=0")
@@ -2519,6 +2530,71 @@ func TestChannelsSurviveKill9(t *testing.T) {
 		}
 		c := again.dial(ch.SubscriberToken)
 		c.expectText("after restart")
+	}
+}
+
+// TestStateFilesAreOnlyTheOwners: the files of -state-file hold tokens, so
+// each is created with mode 0600, whatever the umask lets through (the
+// daemon runs with umask 0 here): the journal and the lock at the first
+// change, the snapshot when the journal is full and at shutdown, and again
+// when a restart writes over them.
+func TestStateFilesAreOnlyTheOwners(t *testing.T) {
+	dir := t.TempDir()
+	state := filepath.Join(dir, "state.json")
+	modes := func(when string, want ...string) {
+		t.Helper()
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, e := range entries {
+			info, err := e.Info()
+			if err != nil {
+				t.Fatal(err)
+			}
+			names = append(names, e.Name())
+			if mode := info.Mode(); mode != 0o600 {
+				t.Errorf("%s: %s has mode %v, want -rw-------", when, e.Name(), mode)
+			}
+		}
+		if !slices.Equal(names, want) {
+			t.Errorf("%s: the state directory holds %q, want %q", when, names, want)
+		}
+	}
+
+	p := startProcessAfter(t, "umask 0", "-state-file", state)
+	p.prepare(`{"tag": "first"}`)
+	modes("after the first change", "state.json.journal", "state.json.lock")
+
+	// One more change than the journal holds: the snapshot is rewritten
+	// while the daemon runs.
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Go(func() {
+			for range journalLimit / 16 {
+				p.prepare(`{"tag": "fill the journal"}`)
+			}
+		})
+	}
+	wg.Wait()
+	if _, err := os.Stat(state); err != nil {
+		t.Fatalf("no snapshot after %d changes: %v", journalLimit+1, err)
+	}
+	modes("after a rewrite while running", "state.json", "state.json.journal", "state.json.lock")
+	if err := p.signal(syscall.SIGTERM); err != nil {
+		t.Fatalf("SIGTERM: %v", err)
+	}
+	modes("after the rewrite at shutdown", "state.json", "state.json.journal", "state.json.lock")
+
+	again := startProcessAfter(t, "umask 0", "-state-file", state)
+	again.prepare(`{"tag": "after restart"}`)
+	if err := again.signal(syscall.SIGTERM); err != nil {
+		t.Fatalf("SIGTERM after restart: %v", err)
+	}
+	modes("after a restart and its rewrite", "state.json", "state.json.journal", "state.json.lock")
+	if saved, err := savedChannels(state); err != nil || len(saved) != journalLimit+2 {
+		t.Errorf("state holds %d channels (%v), want %d", len(saved), err, journalLimit+2)
 	}
 }
 
