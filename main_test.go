@@ -2413,6 +2413,50 @@ func TestSubscribersAreLimitedAndTheAdminSideKeepsAnswering(t *testing.T) {
 	})
 }
 
+// TestDefaultSubscriberLimitLeaves256Files: with 1,024 open files the
+// default -max-subscribers is 1,024 less 256, 768 (the README's figure),
+// and -max-subscribers-per-channel the same; the daemon holds all 768 and
+// still answers the admin side with the files left over.
+func TestDefaultSubscriberLimitLeaves256Files(t *testing.T) {
+	const files, want = 1024, 768
+	p := startProcessWith(t, files, "-log-level", "1")
+	m := scrape(t, p.daemon)
+	if total, perChannel := m[`gockets_subscribers_limit{per="daemon"}`], m[`gockets_subscribers_limit{per="channel"}`]; total != want || perChannel != want {
+		t.Fatalf("limits %d in all and %d per channel with %d open files, want %d and %d", total, perChannel, files, want, want)
+	}
+	a, b := p.prepare(""), p.prepare("")
+	var clients []*wsClient
+	for i := range want {
+		ch := a
+		if i%2 == 1 {
+			ch = b
+		}
+		c, resp := dialWS(t, p.wsURL(ch.SubscriberToken), nil)
+		if c == nil {
+			t.Fatalf("subscriber %d of %d refused: %s", i+1, want, resp.Status)
+		}
+		clients = append(clients, c)
+	}
+	for _, ch := range []channelJSON{a, b} {
+		_, resp := dialWS(t, p.wsURL(ch.SubscriberToken), nil)
+		if resp == nil || resp.StatusCode != 503 {
+			t.Fatalf("subscriber %d was not refused: %v", want+1, resp)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		if wantBody := fmt.Sprintf(`{"type":"ERR","message":"too many subscribers: the daemon has its most, %d (-max-subscribers)"}`+"\n", want); string(body) != wantBody {
+			t.Errorf("refused subscriber: %q, want %q", body, wantBody)
+		}
+	}
+	if status, _, body := p.call("GET", "/healthz", ""); status != 200 {
+		t.Errorf("/healthz with %d subscribers: %d %s", want, status, body)
+	}
+	if r := p.publish(a.PublisherToken, "to all"); r.Subscribers != want/2 {
+		t.Errorf("publish reached %d subscribers, want %d", r.Subscribers, want/2)
+	}
+	clients[0].expectText("to all")
+	t.Logf("%d subscribers on a daemon of %d files, which holds %d open", want, files, p.openFiles())
+}
+
 // ---- Channels survive restarts ----
 
 // process is the real daemon in a child process (see TestMain).
