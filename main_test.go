@@ -1969,6 +1969,58 @@ func TestHookQueueIsBounded(t *testing.T) {
 	}
 }
 
+// TestHookQueueHoldsFourMiBPerConnection: while the hook hangs, one
+// connection's messages wait for it up to 4 MiB in all, the one being
+// posted included; a message that would take it past 4 MiB is dropped,
+// counted, and logged once. Far fewer than 256 messages are sent, so the
+// bytes are the bound.
+func TestHookQueueHoldsFourMiBPerConnection(t *testing.T) {
+	d := startDaemon(t, "-hook-timeout", "1m")
+	release := make(chan struct{})
+	hook := startHook(t, func(r *http.Request) int {
+		<-release
+		return http.StatusOK
+	})
+	var once sync.Once
+	unblock := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(unblock)
+	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
+	c := d.dial(ch.SubscriberToken)
+	// Four messages of 1 MiB less a byte, and one of 4 bytes: 4 MiB exactly.
+	var kept []string
+	for i := range 4 {
+		kept = append(kept, strings.Repeat(strconv.Itoa(i), 1<<20-1))
+	}
+	kept = append(kept, "four")
+	over := []string{"x", strings.Repeat("y", 1<<20-1), "z"} // each one past 4 MiB
+	for _, m := range append(slices.Clone(kept), over...) {
+		c.send(true, websocket.TextFrame, []byte(m))
+	}
+	c.send(true, websocket.CloseFrame, closePayload(closeNormal))
+	c.expectClose(closeNormal) // every frame before it has been read
+	if dropped := d.hub.stats.hookQueueFull.Load(); dropped != int64(len(over)) {
+		t.Errorf("%d messages dropped for the connection's queue, want %d", dropped, len(over))
+	}
+	if m := scrape(t, d); m[`gockets_hook_dropped_total{reason="queue_full"}`] != int64(len(over)) || m["gockets_hook_queued_bytes"] != 4<<20 {
+		t.Errorf("metrics: %d dropped for a full queue, %d bytes queued; want %d and %d",
+			m[`gockets_hook_dropped_total{reason="queue_full"}`], m["gockets_hook_queued_bytes"], len(over), 4<<20)
+	}
+	if n := strings.Count(d.logs.String(), "hook queue full"); n != 1 {
+		t.Errorf("queue full logged %d times, want once", n)
+	}
+	unblock()
+	for i, want := range kept {
+		if r := recv(t, hook.requests, "a kept message"); r.body != want {
+			t.Fatalf("message %d reached the hook with %d bytes starting %.8q, want %d bytes starting %.8q", i, len(r.body), r.body, len(want), want)
+		}
+	}
+	waitFor(t, "the queue to drain", func() bool { return d.hub.pendingHooks() == 0 })
+	if len(hook.requests) != 0 {
+		r := <-hook.requests
+		t.Errorf("a dropped message reached the hook: %d bytes starting %.8q", len(r.body), r.body)
+	}
+}
+
 // TestHookOrderHoldsPerConnectionWithFewWorkers: more subscribers than
 // workers send at once; each one's messages reach the hook in order, and
 // no more than hookPostsPerHost POSTs reach one host at a time.
