@@ -2089,6 +2089,80 @@ func TestHookOrderHoldsPerConnectionWithFewWorkers(t *testing.T) {
 	t.Logf("%d subscribers, %d messages each: at most %d POSTs at once", subscribers, frames, most)
 }
 
+// TestHookPostsAreBoundedInAllAndPerHost: five hooks that hang, each on a
+// host of its own (127.0.0.1 on its own port: a host is scheme, host and
+// port), and ten subscribers of each sending one message. Once the daemon
+// can start no more POSTs (every message queued, every worker posting,
+// every POST arrived), 32 are under way, at most 8 to one host; the others
+// wait, and reach their hooks when these answer.
+func TestHookPostsAreBoundedInAllAndPerHost(t *testing.T) {
+	const posts, postsPerHost = 32, 8 // the README's figures
+	const hosts, perHost = 5, 10      // 5 hosts x 8 would allow 40
+	release := make(chan struct{})
+	var once sync.Once
+	unblock := func() { once.Do(func() { close(release) }) }
+	var mu sync.Mutex
+	var now, most, arrived int
+	nowAt, mostAt := make([]int, hosts), make([]int, hosts)
+	d := startDaemon(t, "-hook-timeout", "1m")
+	var channels []channelJSON
+	for i := range hosts {
+		hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			io.Copy(io.Discard, r.Body)
+			mu.Lock()
+			now, nowAt[i], arrived = now+1, nowAt[i]+1, arrived+1
+			most, mostAt[i] = max(most, now), max(mostAt[i], nowAt[i])
+			mu.Unlock()
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+			mu.Lock()
+			now, nowAt[i] = now-1, nowAt[i]-1
+			mu.Unlock()
+		}))
+		t.Cleanup(hook.Close)
+		channels = append(channels, d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.URL)))
+	}
+	t.Cleanup(unblock) // first: closing a hook, and the daemon's shutdown, wait for its POSTs
+	for i, ch := range channels {
+		for j := range perHost {
+			c := d.dial(ch.SubscriberToken)
+			c.send(true, websocket.TextFrame, []byte(fmt.Sprintf("host %d subscriber %d", i, j)))
+		}
+	}
+	w := &d.hub.hookWork
+	waitFor(t, "the daemon to start every POST it may", func() bool {
+		w.mu.Lock()
+		items, posting, workers := w.items, w.posting, w.workers
+		w.mu.Unlock()
+		mu.Lock()
+		defer mu.Unlock()
+		return items == hosts*perHost && posting == workers && arrived == posting
+	})
+	mu.Lock()
+	t.Logf("POSTs under way: %d in all, by host %v", now, nowAt)
+	if now != posts || most != posts {
+		t.Errorf("%d POSTs under way, at most %d at once, want %d", now, most, posts)
+	}
+	for i, n := range mostAt {
+		if n > postsPerHost {
+			t.Errorf("host %d: %d POSTs at once, more than %d", i, n, postsPerHost)
+		}
+	}
+	mu.Unlock()
+	if m := scrape(t, d); m["gockets_hook_posts_in_flight"] != posts || m["gockets_hook_queued"] != hosts*perHost {
+		t.Errorf("metrics: %d POSTs under way, %d queued; want %d and %d", m["gockets_hook_posts_in_flight"], m["gockets_hook_queued"], posts, hosts*perHost)
+	}
+	unblock()
+	waitFor(t, "every message to reach its hook", func() bool { return d.hub.stats.hookDelivered.Load() == hosts*perHost })
+	mu.Lock()
+	defer mu.Unlock()
+	if most != posts || arrived != hosts*perHost {
+		t.Errorf("%d POSTs arrived, at most %d at once; want %d and %d", arrived, most, hosts*perHost, posts)
+	}
+}
+
 // TestHookWorkIsBoundedForTheWholeDaemon is the attack of a client with one
 // subscriber token against a hook that hangs: many connections, each
 // sending 4 MB and closing, then fast connect-and-close cycles making
