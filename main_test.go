@@ -6341,6 +6341,81 @@ func TestRedisOutagesAnswer503AndRecover(t *testing.T) {
 	})
 }
 
+// TestRedisReconnectBacksOffAsTheREADMESays: with Redis gone, both of a
+// node's connections (commands and announcements) try again after 100 ms,
+// doubling to 5 s, each wait ±50% at random. Each failed attempt is logged
+// with the nominal wait ("in"); the time between two of those lines is the
+// wait itself, as a refused connection on loopback fails at once.
+func TestRedisReconnectBacksOffAsTheREADMESays(t *testing.T) {
+	rs := startRedis(t)
+	a := startNode(t, rs.url())
+	a.prepare("")
+	rs.kill()
+	// The command connection finds Redis gone when it is next used.
+	if status, _, body := a.call("POST", "/channel/prepare", ""); status != 503 {
+		t.Fatalf("prepare with Redis gone: %d %s", status, body)
+	}
+	want := []time.Duration{100 * time.Millisecond, 200 * time.Millisecond, 400 * time.Millisecond,
+		800 * time.Millisecond, 1600 * time.Millisecond, 3200 * time.Millisecond, 5 * time.Second}
+	line := regexp.MustCompile(`(?m)^time=(\S+) level=WARN msg="(redis connection lost; connecting again|redis announcements lost; subscribing again)" .* in=(\S+)$`)
+	type attempt struct {
+		at   time.Time
+		wait time.Duration
+	}
+	attempts := func() map[string][]attempt {
+		byLoop := map[string][]attempt{}
+		for _, m := range line.FindAllStringSubmatch(a.logs.String(), -1) {
+			at, err := time.Parse(time.RFC3339Nano, m[1])
+			wait, err2 := time.ParseDuration(m[3])
+			if err != nil || err2 != nil {
+				t.Fatalf("log line time %q, in %q: %v %v", m[1], m[3], err, err2)
+			}
+			byLoop[m[2]] = append(byLoop[m[2]], attempt{at, wait})
+		}
+		return byLoop
+	}
+	// The waits before the 5 s one add up to 6.3 s, 9.45 s at most.
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		byLoop := attempts()
+		if len(byLoop) == 2 && len(byLoop["redis connection lost; connecting again"]) >= len(want) &&
+			len(byLoop["redis announcements lost; subscribing again"]) >= len(want) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after 15 s, fewer than %d attempts of each connection: %v", len(want), byLoop)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// Each wait is within ±50% of its nominal value (the log's times are in
+	// milliseconds; a loaded machine may wake a little late), and they are
+	// not all the nominal one.
+	const late = 100 * time.Millisecond
+	jittered := 0
+	for loop, as := range attempts() {
+		for i, w := range want {
+			if as[i].wait != w {
+				t.Errorf("%s: attempt %d logged in=%v, want %v", loop, i+1, as[i].wait, w)
+			}
+		}
+		for i := range len(want) - 1 {
+			took, nominal := as[i+1].at.Sub(as[i].at), as[i].wait
+			if took < nominal/2-time.Millisecond || took > nominal*3/2+late {
+				t.Errorf("%s: waited %v after in=%v, want %v to %v", loop, took, nominal, nominal/2, nominal*3/2)
+			}
+			if took < nominal*9/10 || took > nominal*11/10 {
+				jittered++
+			}
+			t.Logf("%s: in=%v, waited %v", loop, nominal, took)
+		}
+	}
+	// A wait within 10% of its nominal value is 1 in 5 at random: 12 in a
+	// row are 1 in 244 million.
+	if jittered == 0 {
+		t.Errorf("every wait within 10%% of its nominal value: no jitter")
+	}
+}
+
 func TestRedisLostAnnouncementsAreFilledFromTheStream(t *testing.T) {
 	rs := startRedis(t)
 	a, b := startNode(t, rs.url()), startNode(t, rs.url())
