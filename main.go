@@ -2414,6 +2414,20 @@ func (c *redisClient) flush(rc *redisConn) {
 // do issues a command and waits for its reply.
 func (c *redisClient) do(args ...any) (any, error) { return c.send(false, args...).wait() }
 
+// probe sends a PING unless the connection is down already: a connection
+// Redis closed fails it, and goes the way of any lost connection (lost,
+// then keep connects again). The reader reads only while a command waits,
+// so a node that sends nothing would otherwise learn that Redis went away
+// from its next request, which would fail.
+func (c *redisClient) probe() {
+	c.mu.Lock()
+	up := c.conn != nil
+	c.mu.Unlock()
+	if up {
+		c.send(true, "PING")
+	}
+}
+
 // read is the reader of rc: it hands each reply to the oldest command
 // waiting, until the connection fails. A command is taken out of pending
 // under mu before its reply is handed over, so that lost, which fails what
@@ -3572,6 +3586,7 @@ func (r *redisEngine) listen() {
 		if r.ctx.Err() != nil {
 			return
 		}
+		r.cmd.probe() // Redis going away closes the command connection too
 		if up {
 			backoff = redisBackoffMin
 		}

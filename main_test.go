@@ -6731,6 +6731,27 @@ func TestRedisIdleNodeWritesNothing(t *testing.T) {
 	}
 }
 
+// TestRedisIdleNodeFindsRedisBackByItself: a node with no subscriber sends
+// no command while Redis is away, yet once its /healthz says 200 again its
+// very next change is served, not answered 503 by a connection Redis
+// closed when it went.
+func TestRedisIdleNodeFindsRedisBackByItself(t *testing.T) {
+	rs := startRedis(t)
+	a := startNode(t, rs.url())
+	a.prepare("")
+	health := func() int {
+		status, _, _ := a.call("GET", "/healthz", "")
+		return status
+	}
+	rs.kill()
+	waitFor(t, "/healthz to say 503", func() bool { return health() == 503 })
+	rs.start()
+	waitFor(t, "/healthz to say 200 again", func() bool { return health() == 200 })
+	if status, _, body := a.call("POST", "/channel/prepare", ""); status != 200 {
+		t.Errorf("the first prepare once Redis is back: %d %s", status, body)
+	}
+}
+
 // TestRedisJoinForgetsDeadNodes: nodes killed with -9 while no node had a
 // subscriber to refresh its presence with leave their entries in P:nodes;
 // the next join anywhere removes them, so the set does not grow with the
