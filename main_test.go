@@ -497,6 +497,21 @@ type hookRequest struct {
 	body   string
 }
 
+// startHangingHook serves a hook that answers nothing until unblock is
+// called, or the test ends.
+func startHangingHook(t testing.TB) (hook *hookServer, unblock func()) {
+	t.Helper()
+	release := make(chan struct{})
+	hook = startHook(t, func(r *http.Request) int {
+		<-release
+		return http.StatusOK
+	})
+	var once sync.Once
+	unblock = func() { once.Do(func() { close(release) }) }
+	t.Cleanup(unblock)
+	return hook, unblock
+}
+
 // startHook serves a hook that answers with answer(r) (200 when nil).
 func startHook(t testing.TB, answer func(*http.Request) int) *hookServer {
 	t.Helper()
@@ -1938,14 +1953,7 @@ func TestHookRetriesAsTheREADMESays(t *testing.T) {
 
 func TestHookQueueIsBounded(t *testing.T) {
 	d := startDaemon(t)
-	release := make(chan struct{})
-	hook := startHook(t, func(r *http.Request) int {
-		<-release
-		return http.StatusOK
-	})
-	var once sync.Once
-	unblock := func() { once.Do(func() { close(release) }) }
-	t.Cleanup(unblock)
+	hook, unblock := startHangingHook(t)
 	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
 	c := d.dial(ch.SubscriberToken)
 	const frames = hookQueueLimit + 10
@@ -1976,14 +1984,7 @@ func TestHookQueueIsBounded(t *testing.T) {
 // bytes are the bound.
 func TestHookQueueHoldsFourMiBPerConnection(t *testing.T) {
 	d := startDaemon(t, "-hook-timeout", "1m")
-	release := make(chan struct{})
-	hook := startHook(t, func(r *http.Request) int {
-		<-release
-		return http.StatusOK
-	})
-	var once sync.Once
-	unblock := func() { once.Do(func() { close(release) }) }
-	t.Cleanup(unblock)
+	hook, unblock := startHangingHook(t)
 	ch := d.prepare(fmt.Sprintf(`{"subscriber_message_hook_url": %q}`, hook.url))
 	c := d.dial(ch.SubscriberToken)
 	// Four messages of 1 MiB less a byte, and one of 4 bytes: 4 MiB exactly.
