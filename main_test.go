@@ -3975,6 +3975,36 @@ func (c *sseClient) message() sseEvent {
 	}
 }
 
+// TestSSEPingsAtMostEvery30s: an SSE stream gets its ": ping" comment
+// every -ping-interval, but at least every 30 s (proxies close a silent
+// response after 60 s by default); a WebSocket gets its ping every
+// -ping-interval, however long.
+func TestSSEPingsAtMostEvery30s(t *testing.T) {
+	for _, tc := range []struct {
+		pingInterval, transport string
+		want                    time.Duration
+	}{
+		{"60", "sse", 30 * time.Second},
+		{"60", "websocket", time.Minute},
+		{"10", "sse", 10 * time.Second},
+		{"300", "sse", 30 * time.Second},
+		{"300", "websocket", 5 * time.Minute},
+	} {
+		cfg, err := parseConfig([]string{"-ping-interval", tc.pingInterval}, func(string) string { return "" }, io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h, err := newHub(cfg, newLogger(io.Discard, 2))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ch, _ := h.prepare(channelOptions{})
+		if got := h.newSubscriber(ch, tc.transport).pingInterval(); got != tc.want {
+			t.Errorf("-ping-interval %s (seconds), %s: pings every %v, want %v", tc.pingInterval, tc.transport, got, tc.want)
+		}
+	}
+}
+
 func TestSSEStreamsMessagesWithIDs(t *testing.T) {
 	d := startDaemonWith(t, func(c *config) { c.pingInterval = 50 * time.Millisecond }, "-read-timeout", "100ms", "-write-timeout", "100ms")
 	ch := d.prepare("")
