@@ -1148,6 +1148,53 @@ func TestTokensAreRandomAndDistinct(t *testing.T) {
 
 // ---- Flags, logs and the whole daemon ----
 
+// TestDefaultsAreTheREADMEs: with no flag and no environment, every
+// default is the one the README's table of flags states, and the server's
+// limits are the ones net/http is handed.
+func TestDefaultsAreTheREADMEs(t *testing.T) {
+	cfg, err := parseConfig(nil, func(string) string { return "" }, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := newHub(cfg, newLogger(io.Discard, 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := newServer(cfg, h, h.log)
+	for _, tc := range []struct {
+		flag      string
+		got, want any
+	}{
+		{"-port", cfg.port, 8844},
+		{"-bind", cfg.bind, ""},
+		{"-host-name", cfg.hostName, "localhost"},
+		{"-log-level", cfg.logLevel, 1},
+		{"-ping-interval", cfg.pingInterval, time.Minute},
+		{"-max-message-bytes", cfg.maxMessageBytes, int64(1 << 20)},
+		{"-max-request-bytes", cfg.maxRequestBytes, int64(65536)},
+		{"-max-header-bytes", srv.MaxHeaderBytes, 32768},
+		{"-read-header-timeout", srv.ReadHeaderTimeout, 10 * time.Second},
+		{"-read-timeout", srv.ReadTimeout, 30 * time.Second},
+		{"-write-timeout", srv.WriteTimeout, 30 * time.Second},
+		{"-idle-timeout", srv.IdleTimeout, 2 * time.Minute},
+		{"-hook-timeout", cfg.hook.timeout, 5 * time.Second},
+		{"-hook-events", cfg.hookEvents, false},
+		{"-backlog", cfg.backlog, 100},
+		{"-backlog-ttl", cfg.backlogTTL, time.Minute},
+		{"-channel-ttl", cfg.channelTTL, time.Duration(0)},
+		{"-redis-prefix", cfg.redisPrefix, "gockets:"},
+		{"-state-file", cfg.stateFile, ""},
+	} {
+		if tc.got != tc.want {
+			t.Errorf("%s defaults to %v, the README says %v", tc.flag, tc.got, tc.want)
+		}
+	}
+	if cfg.redis != nil || cfg.adminToken != "" || len(cfg.adminAllow) != 0 || len(cfg.allowedOrigins) != 0 || cfg.tlsCert != "" {
+		t.Errorf("a default that should be none: redis %v, admin token set %v, admin-allow %v, allowed origins %v, tls %q",
+			cfg.redis, cfg.adminToken != "", cfg.adminAllow, cfg.allowedOrigins, cfg.tlsCert)
+	}
+}
+
 func TestFlagsOutOfRangeAreRefused(t *testing.T) {
 	tests := []struct {
 		args []string
