@@ -1148,11 +1148,11 @@ func TestTokensAreRandomAndDistinct(t *testing.T) {
 
 // ---- Flags, logs and the whole daemon ----
 
-// TestDefaultsAreTheREADMEs: with no flag and no environment, every
-// default is the one the README's table of flags states, and the server's
-// limits are the ones net/http is handed.
-func TestDefaultsAreTheREADMEs(t *testing.T) {
-	cfg, err := parseConfig(nil, func(string) string { return "" }, io.Discard)
+// newTestHub is a hub configured by args alone (no environment), not
+// started: for tests of its parts without a listener.
+func newTestHub(t testing.TB, args ...string) *hub {
+	t.Helper()
+	cfg, err := parseConfig(args, func(string) string { return "" }, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1160,6 +1160,15 @@ func TestDefaultsAreTheREADMEs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return h
+}
+
+// TestDefaultsAreTheREADMEs: with no flag and no environment, every
+// default is the one the README's table of flags states, and the server's
+// limits are the ones net/http is handed.
+func TestDefaultsAreTheREADMEs(t *testing.T) {
+	h := newTestHub(t)
+	cfg := h.cfg
 	srv := newServer(cfg, h, h.log)
 	for _, tc := range []struct {
 		flag      string
@@ -3176,14 +3185,7 @@ func checkTarget(t *testing.T, raw, target string) {
 }
 
 func FuzzAdminRequests(f *testing.F) {
-	cfg, err := parseConfig(nil, func(string) string { return "" }, io.Discard)
-	if err != nil {
-		f.Fatal(err)
-	}
-	h, err := newHub(cfg, newLogger(io.Discard, 1))
-	if err != nil {
-		f.Fatal(err)
-	}
+	h := newTestHub(f)
 	ch, _ := h.prepare(channelOptions{})
 	for _, seed := range [][3]string{
 		{"GET", "/channel", ""},
@@ -4041,14 +4043,7 @@ func TestSSEPingsAtMostEvery30s(t *testing.T) {
 		{"300", "sse", 30 * time.Second},
 		{"300", "websocket", 5 * time.Minute},
 	} {
-		cfg, err := parseConfig([]string{"-ping-interval", tc.pingInterval}, func(string) string { return "" }, io.Discard)
-		if err != nil {
-			t.Fatal(err)
-		}
-		h, err := newHub(cfg, newLogger(io.Discard, 2))
-		if err != nil {
-			t.Fatal(err)
-		}
+		h := newTestHub(t, "-ping-interval", tc.pingInterval)
 		ch, _ := h.prepare(channelOptions{})
 		if got := h.newSubscriber(ch, tc.transport).pingInterval(); got != tc.want {
 			t.Errorf("-ping-interval %s (seconds), %s: pings every %v, want %v", tc.pingInterval, tc.transport, got, tc.want)
