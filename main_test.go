@@ -4584,8 +4584,7 @@ func processCPU(b *testing.B) time.Duration {
 // BenchmarkPrepare is POST /channel/prepare through the router, the admin
 // check and the JSON reply (the request itself is built in the loop).
 func BenchmarkPrepare(b *testing.B) {
-	cfg, _ := parseConfig(nil, func(string) string { return "" }, io.Discard)
-	h, _ := newHub(cfg, newLogger(io.Discard, 2))
+	h := newTestHub(b)
 	body := `{"subscriber_message_hook_url": "http://localhost/hook.php", "tag": "user-42"}`
 	b.ReportAllocs()
 	for range b.N {
@@ -4600,8 +4599,7 @@ func BenchmarkPrepare(b *testing.B) {
 // BenchmarkPublishNoSubscriber is POST /channel/publish/{token} through the
 // router to a channel nobody listens to, the message kept in its backlog.
 func BenchmarkPublishNoSubscriber(b *testing.B) {
-	cfg, _ := parseConfig(nil, func(string) string { return "" }, io.Discard)
-	h, _ := newHub(cfg, newLogger(io.Discard, 2))
+	h := newTestHub(b)
 	ch, _ := h.prepare(channelOptions{})
 	target := "http://localhost/channel/publish/" + ch.publisherToken
 	body := strings.Repeat("x", 64)
