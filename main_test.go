@@ -6426,7 +6426,8 @@ func TestRedisReconnectBacksOffAsTheREADMESays(t *testing.T) {
 	a := startNode(t, rs.url())
 	a.prepare("")
 	rs.kill()
-	// The command connection finds Redis gone when it is next used.
+	// The command connection finds Redis gone by itself (the announcements'
+	// loss makes the node probe it) or with this request, which fails.
 	if status, _, body := a.call("POST", "/channel/prepare", ""); status != 503 {
 		t.Fatalf("prepare with Redis gone: %d %s", status, body)
 	}
