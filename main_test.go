@@ -208,6 +208,17 @@ func (d *daemon) in(t *testing.T) *daemon {
 	return &c
 }
 
+// channelOf is the hub's channel of a subscriber token, found as a
+// subscribe finds it before it joins.
+func (d *daemon) channelOf(subscriberToken string) *channel {
+	d.t.Helper()
+	c, err := d.hub.engine.find(context.Background(), subscriberToken)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	return c
+}
+
 func (d *daemon) prepare(body string) channelJSON {
 	d.t.Helper()
 	var ch channelJSON
@@ -4671,10 +4682,7 @@ func TestFailedUpgradeGivesTheBacklogBack(t *testing.T) {
 	ch := d.prepare("")
 	d.publish(ch.PublisherToken, "kept 1")
 	d.publish(ch.PublisherToken, "kept 2")
-	c, err := d.hub.engine.find(context.Background(), ch.SubscriberToken)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := d.channelOf(ch.SubscriberToken)
 	s := d.hub.newSubscriber(c, "websocket")
 	if !d.hub.engine.join(c, s, false, 0) {
 		t.Fatal("join refused")
@@ -6910,10 +6918,7 @@ func TestRedisJoinThatCannotQueueWhatItTookIsSlow(t *testing.T) {
 	for i := range 3 {
 		d.publish(ch.PublisherToken, fmt.Sprint("early ", i))
 	}
-	c, err := d.hub.engine.find(context.Background(), ch.SubscriberToken)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := d.channelOf(ch.SubscriberToken)
 	s := d.hub.newSubscriber(c, "websocket")
 	s.queue = make([]*message, d.hub.cfg.sendQueue-1) // room for one of the three
 	if !d.hub.engine.join(c, s, false, 0) {
@@ -7020,10 +7025,7 @@ func TestRedisFailedUpgradeGivesTheBacklogBackToAnyNode(t *testing.T) {
 	for i := range 4 {
 		a.publish(ch.PublisherToken, fmt.Sprintf("kept %d", i+1))
 	}
-	c, err := a.hub.engine.find(context.Background(), ch.SubscriberToken)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := a.channelOf(ch.SubscriberToken)
 	s := a.hub.newSubscriber(c, "websocket")
 	if !a.hub.engine.join(c, s, false, 0) {
 		t.Fatal("join refused")
@@ -7054,10 +7056,7 @@ func TestRedisJoinRefusedAtShutdownGivesTheBacklogBack(t *testing.T) {
 	ch := a.prepare("")
 	a.publish(ch.PublisherToken, "kept 1")
 	a.publish(ch.PublisherToken, "kept 2")
-	c, err := a.hub.engine.find(context.Background(), ch.SubscriberToken)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := a.channelOf(ch.SubscriberToken)
 	a.hub.closing.Store(true) // what closeAll sets first, while this join was on its way to Redis
 	if a.hub.engine.join(c, a.hub.newSubscriber(c, "websocket"), false, 0) {
 		t.Fatal("join accepted while shutting down")
