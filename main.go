@@ -4490,15 +4490,11 @@ func (s *subscriber) countDropped(n int) {
 	}
 }
 
-// finish says goodbye: what is still queued when the close is orderly, then
-// the close frame (SSE: a close event); then it lets a WebSocket's reader
-// wait briefly for the peer's close frame.
 // finish says goodbye: the end of a frame a publisher began, what is
 // still queued when the close is orderly (as much as starts before
-// sendUntil), then the close frame (SSE: a close
-// event); then it lets a WebSocket's reader wait briefly for the peer's
-// close frame, or not at all when the stream is broken: nothing can follow
-// half a frame.
+// sendUntil), then the close frame (SSE: a close event); then it lets a
+// WebSocket's reader wait briefly for the peer's close frame, or not at
+// all when the stream is broken: nothing can follow half a frame.
 func (s *subscriber) finish(bye farewell, batch []*message, rest []byte) {
 	s.mu.Lock()
 	batch = append(batch, s.queue...) // stop has taken s out of the channel: nothing more comes
