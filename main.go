@@ -1944,6 +1944,9 @@ func (h *hub) snapshot() snapshot {
 //	              the node, so a dead node's counts vanish by themselves
 //	P:events      Pub/Sub channel: every publish, edit and delete, for
 //	              every node
+//	P:follow:ID   Pub/Sub channel that nothing is published to: a node
+//	              subscribes to it once it has caught up after connecting,
+//	              so a publish knows which nodes follow the announcements
 //
 // One Lua script per change makes it atomic: a publish checks the channel,
 // appends to its stream and announces it with the previous id in one step,
@@ -2771,8 +2774,12 @@ return view(ARGV[2], now_ms())`)
 	// ARGV: P, pub, data, binary (0/1), stream length, stream TTL (ms).
 	// The message id is the stream id: above the last one, also after the
 	// stream expired or the clock went back; the sequence stays below 2^20
-	// so that ms<<20|seq is the SSE id. Returns the subscribers on live
-	// nodes: with none, the message waits (handed stays where it was).
+	// so that ms<<20|seq is the SSE id. The stream is trimmed to its length
+	// only while every live node with subscribers of the channel follows
+	// the announcements (P:follow:ID has a subscriber): a node whose Pub/Sub
+	// connection is down fills its whole gap from the stream once back.
+	// Returns the subscribers on live nodes: with none, the message waits
+	// (handed stays where it was).
 	publishScript = newScript(`
 local ch = P .. 'ch:' .. ARGV[2]
 if redis.call('EXISTS', ch) == 0 then return false end
@@ -2783,9 +2790,18 @@ local now = now_ms()
 if now > ms then ms, seq = now, 0 elseif seq + 1 < 1048576 then seq = seq + 1 else ms, seq = ms + 1, 0 end
 local id = string.format('%d-%d', ms, seq)
 local log = P .. 'log:' .. ARGV[2]
-redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], id, 'd', ARGV[3], 'b', ARGV[4])
+local n, trim = 0, true
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', P .. 'nodes', now, '+inf')) do
+  local here = tonumber(redis.call('HGET', P .. 'node:' .. node, ARGV[2])) or 0
+  n = n + here
+  if here > 0 and trim then trim = redis.call('PUBSUB', 'NUMSUB', P .. 'follow:' .. node)[2] > 0 end
+end
+if trim then
+  redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], id, 'd', ARGV[3], 'b', ARGV[4])
+else
+  redis.call('XADD', log, id, 'd', ARGV[3], 'b', ARGV[4])
+end
 redis.call('PEXPIRE', log, ARGV[6])
-local n = listeners(ARGV[2], now)
 if n > 0 then redis.call('HSET', ch, 'last', id, 'handed', id) else redis.call('HSET', ch, 'last', id) end
 redis.call('PUBLISH', P .. 'events', 'p ' .. ARGV[2] .. ' ' .. id .. ' ' .. prev .. ' ' .. ARGV[4] .. ' ' .. ARGV[3])
 return n`)
@@ -3664,6 +3680,11 @@ func (r *redisEngine) follow() (up bool, err error) {
 		if !sleep(r.ctx, jitter(redisBackoffMin)) {
 			return true, r.ctx.Err()
 		}
+	}
+	// Caught up: from now on the announcements keep this node up to date,
+	// and the streams of its channels may be trimmed (publishScript).
+	if err := write("SUBSCRIBE", r.prefix+"follow:"+r.node); err != nil {
+		return true, err
 	}
 	r.mu.Lock()
 	r.eventsErr = nil

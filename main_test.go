@@ -6522,6 +6522,55 @@ func TestRedisLostAnnouncementsAreFilledFromTheStream(t *testing.T) {
 	sub.expectText("last")
 }
 
+// TestRedisGapLongerThanTheStreamIsFilled: while a node's Pub/Sub
+// connection is down, Redis takes more publishes than a stream keeps
+// (streamMinLength): the node fills the whole gap from the stream once it
+// is back, as nothing is trimmed while a node with subscribers of the
+// channel does not follow the announcements. Redis runs the kill and the
+// publishes in one go, before either node can subscribe again.
+func TestRedisGapLongerThanTheStreamIsFilled(t *testing.T) {
+	rs := startRedis(t)
+	a, b := startNode(t, rs.url()), startNode(t, rs.url())
+	ch := a.prepare("")
+	subs := []*wsClient{a.dial(ch.SubscriberToken), b.dial(ch.SubscriberToken)}
+	a.publish(ch.PublisherToken, "before")
+	for _, sub := range subs {
+		sub.expectText("before")
+	}
+	const n = 3 * streamMinLength
+	burst := appendCommand(nil, "CLIENT", "KILL", "TYPE", "pubsub")
+	for i := range n {
+		burst = appendCommand(burst, "EVALSHA", publishScript.sha, 0, "gockets:", ch.PublisherToken, fmt.Sprint(i), "0", streamMinLength, 60000)
+	}
+	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", rs.port), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(waitTimeout))
+	if _, err := conn.Write(burst); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(conn)
+	if reply, err := readReply(br); err != nil || reply != int64(2) {
+		t.Fatalf("CLIENT KILL TYPE pubsub answered %v, %v; want 2 (one per node)", reply, err)
+	}
+	for i := range n {
+		if reply, err := readReply(br); err != nil || reply != int64(2) {
+			t.Fatalf("publish %d answered %v, %v; want 2 subscribers", i, reply, err)
+		}
+	}
+	a.publish(ch.PublisherToken, "after")
+	for s, sub := range subs {
+		for i := range n {
+			if _, p := sub.next(); string(p) != fmt.Sprint(i) {
+				t.Fatalf("subscriber %d got %q, want %q: the node lost the start of its gap", s, p, fmt.Sprint(i))
+			}
+		}
+		sub.expectText("after")
+	}
+}
+
 // A burst of announcements that a node reads from Redis at once reaches a
 // subscriber whole and in order, in a few writes rather than one per
 // message: the subscriber's writer sends what the burst queued together.
