@@ -1078,16 +1078,19 @@ func (ch *channel) expire(now time.Time, ttl time.Duration, st *stats) {
 
 // join adds a subscriber and hands it what waited in the backlog: what no
 // subscriber has had yet, or, for an SSE client that resumes, everything
-// after the last id it saw. It fails when the channel is gone or we shut
-// down. closing is read under ch.mu, which closeAll takes after setting it,
+// after the last id it saw. It fails when the channel is gone
+// (errNotFound) or we shut down (errShuttingDown). closing is read under ch.mu, which closeAll takes after setting it,
 // so a subscriber either sees it or is seen by closeAll. The connect
 // presence event is queued here, under ch.mu, so that it comes before any
 // disconnect.
-func (h *hub) join(ch *channel, s *subscriber, resume bool, lastID uint64) bool {
+func (h *hub) join(ch *channel, s *subscriber, resume bool, lastID uint64) error {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
-	if h.closing.Load() || ch.deleted {
-		return false
+	if h.closing.Load() {
+		return errShuttingDown
+	}
+	if ch.deleted {
+		return errNotFound
 	}
 	now := time.Now()
 	ch.expire(now, h.cfg.backlogTTL, &h.stats)
@@ -1101,7 +1104,7 @@ func (h *hub) join(ch *channel, s *subscriber, resume bool, lastID uint64) bool 
 	ch.subscribers = append(ch.subscribers, s)
 	ch.lastActive = now
 	s.presence("connect", len(ch.subscribers), nil, ch.hookTarget)
-	return true
+	return nil
 }
 
 // unjoin undoes join for a subscriber whose upgrade failed after it: it
@@ -1370,15 +1373,18 @@ type engine interface {
 	remove(ctx context.Context, publisherToken string) (subscriberToken string, err error)
 	// find returns this process's channel for a subscriber token, to join.
 	find(ctx context.Context, subscriberToken string) (*channel, error)
-	// join adds a subscriber and hands it what waited for it; false when
-	// the channel is gone, we shut down, or Redis cannot be reached.
-	join(ch *channel, s *subscriber, resume bool, lastID uint64) bool
+	// join adds a subscriber and hands it what waited for it; errNotFound
+	// when the channel is gone, errShuttingDown, or why Redis did not.
+	join(ch *channel, s *subscriber, resume bool, lastID uint64) error
 	unjoin(ch *channel, s *subscriber)
 	// health is nil while the engine can serve every route.
 	health() error
 }
 
-var errNotFound = errors.New("token not found")
+var (
+	errNotFound     = errors.New("token not found")
+	errShuttingDown = errors.New("shutting down")
+)
 
 // memoryEngine is the hub itself: channels in this process only.
 type memoryEngine struct{ h *hub }
@@ -1443,7 +1449,7 @@ func (e memoryEngine) find(_ context.Context, token string) (*channel, error) {
 	return nil, errNotFound
 }
 
-func (e memoryEngine) join(ch *channel, s *subscriber, resume bool, lastID uint64) bool {
+func (e memoryEngine) join(ch *channel, s *subscriber, resume bool, lastID uint64) error {
 	return e.h.join(ch, s, resume, lastID)
 }
 
@@ -3265,7 +3271,7 @@ func (r *redisEngine) find(_ context.Context, token string) (*channel, error) {
 // point where this node's stream of the channel meets what the join
 // returned: the subscriber gets the kept messages, then every message with
 // a higher id, once each, in order.
-func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint64) bool {
+func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint64) error {
 	sh := ch.shared
 	mode, from := "new", "0-0"
 	if resume {
@@ -3295,11 +3301,14 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 		reply, err = call.wait()
 	}
 	f, ok := reply.([]any)
-	if err != nil || !ok || len(f) != 2 {
-		if err != nil {
-			s.log().Warn("join through redis failed", "err", err)
-		}
-		return false
+	switch {
+	case err != nil:
+		s.log().Warn("join through redis failed", "err", err)
+		return err
+	case reply == nil: // deleted since find
+		return errNotFound
+	case !ok || len(f) != 2:
+		return fmt.Errorf("redis: unexpected join %v", reply)
 	}
 	last, _ := parseStreamID(replyString(f[0]))
 	entries, _ := f[1].([]any)
@@ -3327,13 +3336,13 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 				}
 				queued++
 			}
-			joined := r.h.join(ch, s, false, 0)
+			err := r.h.join(ch, s, false, 0)
 			behind := sh.seen > sh.cursor
 			target := sh.seen
 			sh.mu.Unlock()
-			if !joined { // shutting down, or deleted, since Redis answered: no unjoin follows
+			if err != nil { // shutting down, or deleted, since Redis answered: no unjoin follows
 				r.giveBack(ch, s, backlog)
-				return false
+				return err
 			}
 			ch.mu.Lock()
 			s.fromBacklog = backlog[:min(queued, len(backlog))] // for unjoin, should the upgrade fail
@@ -3342,20 +3351,20 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 				s.log().Warn("subscriber too slow: disconnected", "queued", r.h.cfg.sendQueue)
 				r.h.stats.slowDisconnects.Add(1)
 				s.stop(farewell{closePolicyViolation, "too slow: send queue full", false})
-				return true
+				return nil
 			}
 			if behind { // announced before this node followed the channel
 				if err := r.catchUp(ch, target); err != nil {
 					s.log().Warn("catching up with the channel failed", "err", err)
 				}
 			}
-			return true
+			return nil
 		case sh.cursor < last: // announcements still on their way: take them now
 			sh.mu.Unlock()
 			if err := r.catchUp(ch, last); err != nil {
 				s.log().Warn("catching up with the channel failed", "err", err)
 				r.giveBack(ch, s, backlog)
-				return false
+				return err
 			}
 		default: // this node handed out more since: the newcomer gets them too
 			to := sh.cursor
@@ -3364,7 +3373,7 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 			if err != nil {
 				s.log().Warn("reading the channel's stream failed", "err", err)
 				r.giveBack(ch, s, backlog)
-				return false
+				return err
 			}
 			kept, last = append(kept, more...), to
 		}
@@ -5291,10 +5300,13 @@ func hostMatches(hostHeader, name string) bool {
 
 // reply writes every reply that is not a channel: {"type", "message"}.
 func reply(w http.ResponseWriter, status int, typ, msg string) {
-	writeJSON(w, status, struct {
-		Type    string `json:"type"`
-		Message string `json:"message"`
-	}{typ, msg})
+	writeJSON(w, status, replyBody{typ, msg})
+}
+
+// replyBody is every reply that is not a channel.
+type replyBody struct {
+	Type    string `json:"type"`
+	Message string `json:"message"`
 }
 
 // writeJSON writes every JSON answer of the daemon.
@@ -5619,12 +5631,38 @@ func (u *upgrade) handshake(cfg *websocket.Config, req *http.Request) error {
 	cfg.Protocol = cfg.Protocol[:min(len(cfg.Protocol), 1)]
 	// Joining before the 101 is sent makes listeners count a
 	// subscriber by the time it can see the upgrade. Between the
-	// lookup and here the channel may have gone (a 403 without body).
-	if u.joined = u.h.engine.join(u.ch, u.s, false, 0); !u.joined {
-		return errors.New("channel deleted or shutting down")
+	// lookup and here the channel may have gone, or Redis failed.
+	if err := u.h.engine.join(u.ch, u.s, false, 0); err != nil {
+		u.refuse(err)
+		return err
 	}
+	u.joined = true
 	return nil
 }
+
+// refuse answers a join that failed as the handlers answer its error
+// (failed), on the connection x/net has taken, and drops the bare 403 that
+// x/net writes after it.
+func (u *upgrade) refuse(err error) {
+	status, msg := http.StatusServiceUnavailable, err.Error()
+	if errors.Is(err, errNotFound) {
+		status, msg = http.StatusNotFound, "subscriber token not found"
+	}
+	body, _ := json.Marshal(replyBody{"ERR", msg})
+	head := fmt.Sprintf("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n",
+		status, http.StatusText(status), len(body)+1)
+	conn := u.out.conn
+	if conn.SetWriteDeadline(time.Now().Add(writeWait)) == nil {
+		_, _ = conn.Write(append(append([]byte(head), body...), '\n')) // the client is gone if this fails
+	}
+	u.out.conn = answered{conn}
+}
+
+// answered is a connection whose answer is written: what else x/net
+// writes to it is dropped.
+type answered struct{ net.Conn }
+
+func (answered) Write(p []byte) (int, error) { return len(p), nil }
 
 // end undoes what an upgrade that did not keep the connection took, however
 // it ended (net/http recovers x/net's panic): the join, then the admission.
@@ -5703,8 +5741,8 @@ func (h *hub) subscribeSSE(w http.ResponseWriter, r *http.Request, ch *channel) 
 	lastID, err := strconv.ParseUint(r.Header.Get("Last-Event-ID"), 10, 64)
 	resume := err == nil
 	s := h.newSubscriber(ch, "sse")
-	if !h.engine.join(ch, s, resume, lastID) {
-		reply(w, http.StatusServiceUnavailable, "ERR", "channel deleted or shutting down")
+	if err := h.engine.join(ch, s, resume, lastID); err != nil {
+		failed(w, err, "subscriber")
 		return
 	}
 	// A WebSocket's reader sees its client go; an event stream learns it

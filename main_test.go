@@ -4684,8 +4684,8 @@ func TestFailedUpgradeGivesTheBacklogBack(t *testing.T) {
 	d.publish(ch.PublisherToken, "kept 2")
 	c := d.channelOf(ch.SubscriberToken)
 	s := d.hub.newSubscriber(c, "websocket")
-	if !d.hub.engine.join(c, s, false, 0) {
-		t.Fatal("join refused")
+	if err := d.hub.engine.join(c, s, false, 0); err != nil {
+		t.Fatalf("join refused: %v", err)
 	}
 	d.hub.engine.unjoin(c, s) // what subscribeWebSocket does when x/net's upgrade fails
 	if n := d.listeners(ch.PublisherToken); n != 0 {
@@ -6571,6 +6571,64 @@ func TestRedisGapLongerThanTheStreamIsFilled(t *testing.T) {
 	}
 }
 
+// TestRedisOutOfMemoryAnswers503JSON: a Redis at its maxmemory (with
+// noeviction, Redis's default) refuses every write that takes memory: each
+// change but delete and each subscribe, WebSocket or SSE, answers 503 JSON
+// with Redis's reason, at
+// once; reads go on, the subscribers already connected stay, and
+// everything works again once Redis has memory.
+func TestRedisOutOfMemoryAnswers503JSON(t *testing.T) {
+	rs := startRedis(t)
+	a, b := startNode(t, rs.url()), startNode(t, rs.url())
+	ch := a.prepare("")
+	sub := b.dial(ch.SubscriberToken)
+	rs.do("CONFIG", "SET", "maxmemory", "1")
+	const oom = `{"type":"ERR","message":"redis: OOM command not allowed when used memory \u003e 'maxmemory'.`
+	check := func(what string, status int, header http.Header, body string, took time.Duration) {
+		t.Helper()
+		if status != 503 || header.Get("Content-Type") != "application/json" || !strings.HasPrefix(body, oom) || took > 2*time.Second {
+			t.Errorf("%s with Redis out of memory: %d %q %s after %v, want 503 JSON with Redis's reason", what, status, header.Get("Content-Type"), body, took)
+		}
+	}
+	for _, c := range []struct{ method, path, body string }{
+		{"POST", "/channel/prepare", ""},
+		{"POST", "/channel/publish/" + ch.PublisherToken, "lost"},
+		{"PATCH", "/channel/edit/" + ch.PublisherToken, `{"tag": "x"}`},
+	} { // not delete: it frees memory, which Redis allows
+		start := time.Now()
+		status, header, body := a.call(c.method, c.path, c.body)
+		check(c.method+" "+c.path, status, header, body, time.Since(start))
+	}
+	start := time.Now()
+	if c, resp := dialWS(t, a.wsURL(ch.SubscriberToken), nil); c != nil {
+		t.Error("a WebSocket subscribed while Redis could not count it")
+	} else {
+		body, _ := io.ReadAll(resp.Body)
+		check("WebSocket subscribe", resp.StatusCode, resp.Header, string(body), time.Since(start))
+	}
+	req, _ := http.NewRequest("GET", b.url+"/channel/subscribe/"+ch.SubscriberToken, nil)
+	req.Header.Set("Accept", "text/event-stream")
+	start = time.Now()
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	check("SSE subscribe", resp.StatusCode, resp.Header, string(body), time.Since(start))
+	if n := b.listeners(ch.PublisherToken); n != 1 {
+		t.Errorf("listeners = %d while Redis is out of memory, want 1", n)
+	}
+
+	rs.do("CONFIG", "SET", "maxmemory", "0")
+	late := a.dial(ch.SubscriberToken)
+	if r := a.publish(ch.PublisherToken, "after"); r.Subscribers != 2 {
+		t.Errorf("publish once Redis has memory: %+v, want 2 subscribers", r)
+	}
+	sub.expectText("after")
+	late.expectText("after")
+}
+
 // A burst of announcements that a node reads from Redis at once reaches a
 // subscriber whole and in order, in a few writes rather than one per
 // message: the subscriber's writer sends what the burst queued together.
@@ -6970,8 +7028,8 @@ func TestRedisJoinThatCannotQueueWhatItTookIsSlow(t *testing.T) {
 	c := d.channelOf(ch.SubscriberToken)
 	s := d.hub.newSubscriber(c, "websocket")
 	s.queue = make([]*message, d.hub.cfg.sendQueue-1) // room for one of the three
-	if !d.hub.engine.join(c, s, false, 0) {
-		t.Fatal("join refused")
+	if err := d.hub.engine.join(c, s, false, 0); err != nil {
+		t.Fatalf("join refused: %v", err)
 	}
 	s.mu.Lock()
 	bye := s.bye
@@ -7076,8 +7134,8 @@ func TestRedisFailedUpgradeGivesTheBacklogBackToAnyNode(t *testing.T) {
 	}
 	c := a.channelOf(ch.SubscriberToken)
 	s := a.hub.newSubscriber(c, "websocket")
-	if !a.hub.engine.join(c, s, false, 0) {
-		t.Fatal("join refused")
+	if err := a.hub.engine.join(c, s, false, 0); err != nil {
+		t.Fatalf("join refused: %v", err)
 	}
 	s.mu.Lock()
 	took := len(s.queue)
@@ -7107,8 +7165,8 @@ func TestRedisJoinRefusedAtShutdownGivesTheBacklogBack(t *testing.T) {
 	a.publish(ch.PublisherToken, "kept 2")
 	c := a.channelOf(ch.SubscriberToken)
 	a.hub.closing.Store(true) // what closeAll sets first, while this join was on its way to Redis
-	if a.hub.engine.join(c, a.hub.newSubscriber(c, "websocket"), false, 0) {
-		t.Fatal("join accepted while shutting down")
+	if err := a.hub.engine.join(c, a.hub.newSubscriber(c, "websocket"), false, 0); !errors.Is(err, errShuttingDown) {
+		t.Fatalf("join while shutting down: %v, want %v", err, errShuttingDown)
 	}
 	sub := b.dial(ch.SubscriberToken)
 	b.publish(ch.PublisherToken, "live")
