@@ -2670,18 +2670,26 @@ func (o *redisOptions) dial(ctx context.Context) (net.Conn, error) {
 			return nil, fmt.Errorf("AUTH: %w", err)
 		}
 	}
+	// Without a password, a Redis that wants one answers the first
+	// command with NOAUTH: as wrong as a wrong password.
+	failed := func(what string, err error) error {
+		conn.Close()
+		var re respError
+		if errors.As(err, &re) && strings.HasPrefix(string(re), "NOAUTH") {
+			return authError{err}
+		}
+		return fmt.Errorf("%s: %w", what, err)
+	}
 	if o.db != 0 {
 		if err := hello("SELECT", o.db); err != nil {
-			conn.Close()
-			return nil, fmt.Errorf("SELECT %d: %w", o.db, err)
+			return nil, failed(fmt.Sprint("SELECT ", o.db), err)
 		}
 	}
 	// A frozen Redis still accepts connections (the kernel does): only an
 	// answer shows that it runs. Commands are never queued on a connection
 	// that did not answer, to be applied when Redis wakes up.
 	if err := hello("PING"); err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("PING: %w", err)
+		return nil, failed("PING", err)
 	}
 	if br.Buffered() > 0 {
 		conn.Close()

@@ -6754,9 +6754,15 @@ func TestRedisJoinWhileAnnouncementsAreOnTheirWay(t *testing.T) {
 func TestRedisWrongPasswordIsNamed(t *testing.T) {
 	rs := startRedis(t, "--requirepass", "right")
 	base := fmt.Sprintf("127.0.0.1:%d/0", rs.port)
-	err := run(context.Background(), []string{"-bind", "127.0.0.1", "-port", "0", "-redis", "redis://:wrong@" + base}, func(string) string { return "" }, io.Discard, io.Discard)
-	if err == nil || !strings.Contains(err.Error(), "redis refused the password") || exitStatus(err) == 0 {
-		t.Errorf("wrong password: %v (exit %d)", err, exitStatus(err))
+	for _, u := range []string{"redis://:wrong@" + base, "redis://" + base, "redis://127.0.0.1:" + strconv.Itoa(rs.port) + "/2"} {
+		// Without a password Redis answers the first command (PING, or
+		// SELECT) with NOAUTH: as wrong as a wrong one.
+		ctx, cancel := context.WithTimeout(context.Background(), waitTimeout/2) // should it start, it stops
+		err := run(ctx, []string{"-bind", "127.0.0.1", "-port", "0", "-redis", u}, func(string) string { return "" }, io.Discard, io.Discard)
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), "redis refused the password") || exitStatus(err) == 0 {
+			t.Errorf("%s: %v (exit %d), want the daemon not to start", u, err, exitStatus(err))
+		}
 	}
 	for _, u := range []string{"redis://:right@" + base, "redis://default:right@" + base} {
 		d := startNode(t, u)
