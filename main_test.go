@@ -6770,6 +6770,61 @@ func TestRedisWrongPasswordIsNamed(t *testing.T) {
 	}
 }
 
+// TestRedisPasswordChangedLaterIsNamed: Redis's password changes while a
+// node runs, and its connections are cut: /healthz answers 503 naming the
+// password, changes 503 JSON, the subscriber stays; once the password is
+// the node's again, it comes back by itself and the subscriber receives.
+func TestRedisPasswordChangedLaterIsNamed(t *testing.T) {
+	rs := startRedis(t, "--requirepass", "pw")
+	d := startNode(t, fmt.Sprintf("redis://:pw@127.0.0.1:%d/0", rs.port))
+	ch := d.prepare("")
+	sub := d.dial(ch.SubscriberToken)
+	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", rs.port), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(waitTimeout))
+	br := bufio.NewReader(conn)
+	admin := func(args ...any) {
+		t.Helper()
+		if _, err := conn.Write(appendCommand(nil, args...)); err != nil {
+			t.Fatal(err)
+		}
+		if reply, err := readReply(br); err != nil {
+			t.Fatalf("redis %v: %v", args, err)
+		} else if e, ok := reply.(respError); ok {
+			t.Fatalf("redis %v: %v", args, e)
+		}
+	}
+	admin("AUTH", "pw")
+	admin("CONFIG", "SET", "requirepass", "changed")
+	admin("CLIENT", "KILL", "TYPE", "normal")
+	admin("CLIENT", "KILL", "TYPE", "pubsub")
+	start := time.Now()
+	waitFor(t, "/healthz to name the password", func() bool {
+		status, _, body := d.call("GET", "/healthz", "")
+		return status == 503 && strings.Contains(body, "redis refused the password")
+	})
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("/healthz named the password after %v", took)
+	}
+	start = time.Now()
+	status, _, body := d.call("POST", "/channel/publish/"+ch.PublisherToken, "refused")
+	if took := time.Since(start); status != 503 || !strings.HasPrefix(body, `{"type":"ERR","message":"cannot reach Redis: redis refused the password`) || took > 2*time.Second {
+		t.Errorf("publish with the password changed: %d %s after %v", status, body, took)
+	}
+	admin("CONFIG", "SET", "requirepass", "pw")
+	waitFor(t, "/healthz to say 200 again", func() bool {
+		status, _, _ := d.call("GET", "/healthz", "")
+		return status == 200
+	})
+	if r := d.publish(ch.PublisherToken, "back"); r.Subscribers != 1 {
+		t.Errorf("publish once the password is back: %+v", r)
+	}
+	sub.expectText("back")
+}
+
 func TestRedisPrefixKeepsDeploymentsApart(t *testing.T) {
 	rs := startRedis(t)
 	a := startNode(t, rs.url())
