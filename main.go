@@ -2269,11 +2269,11 @@ type redisClient struct {
 type redisConn struct {
 	net.Conn
 	br       *bufio.Reader
-	out      []byte        // commands not written yet, in order; under the client's mu
-	spare    []byte        // the last buffer written, for reuse; under mu
-	flushing bool          // a sender is writing out; under mu
-	pending  []*redisCall  // sent, waiting for their reply, in order; under mu
-	more     chan struct{} // pending grew, or the connection closed
+	out      []byte       // commands not written yet, in order; under the client's mu
+	spare    []byte       // the last buffer written, for reuse; under mu
+	flushing bool         // a sender is writing out; under mu
+	pending  []*redisCall // sent, waiting for their reply, in order; under mu
+	idle     bool         // the reader waits with no deadline, as nothing is pending; under mu
 	closed   bool
 }
 
@@ -2379,9 +2379,9 @@ func (c *redisClient) queue(quiet bool, args []any) (*redisCall, *redisConn) {
 	call.deadline = time.Now().Add(redisCommandTimeout)
 	rc.out = appendCommand(rc.out, args...)
 	rc.pending = append(rc.pending, call)
-	select {
-	case rc.more <- struct{}{}:
-	default:
+	if rc.idle { // the reader waits for a reply with no deadline: this command's bounds it
+		rc.idle = false
+		_ = rc.SetReadDeadline(call.deadline) // fails only once closed, which the reader sees
 	}
 	if rc.flushing { // the writer at work writes this command too
 		c.mu.Unlock()
@@ -2424,10 +2424,11 @@ func (c *redisClient) flush(rc *redisConn) {
 func (c *redisClient) do(args ...any) (any, error) { return c.send(false, args...).wait() }
 
 // probe sends a PING unless the connection is down already: a connection
-// Redis closed fails it, and goes the way of any lost connection (lost,
-// then keep connects again). The reader reads only while a command waits,
-// so a node that sends nothing would otherwise learn that Redis went away
-// from its next request, which would fail.
+// that went silent (no reply within redisCommandTimeout) goes the way of
+// any lost connection (lost, then keep connects again). One that Redis
+// closed, the reader sees by itself, but a silent one only a command
+// finds: a node that sends nothing would otherwise learn it from its next
+// request, which would fail.
 func (c *redisClient) probe() {
 	c.mu.Lock()
 	up := c.conn != nil
@@ -2440,22 +2441,45 @@ func (c *redisClient) probe() {
 // read is the reader of rc: it hands each reply to the oldest command
 // waiting, until the connection fails. A command is taken out of pending
 // under mu before its reply is handed over, so that lost, which fails what
-// is left in pending, never answers a command twice.
+// is left in pending, never answers a command twice. While no command
+// waits, it waits for the connection to end (Redis closes a client idle
+// for its timeout, a restart or CLIENT KILL closes it), so that the node
+// connects again before a request can fail on it; the next command sets
+// the deadline of that wait (queue).
 func (c *redisClient) read(rc *redisConn) {
 	var call *redisCall // the oldest command waiting
 	for {
 		if call == nil {
+			var err error
 			c.mu.Lock()
 			closed := rc.closed
 			if len(rc.pending) > 0 {
 				call = rc.pending[0]
+			} else if !closed {
+				rc.idle = true
+				err = rc.SetReadDeadline(time.Time{})
 			}
 			c.mu.Unlock()
 			if closed {
 				return
 			}
 			if call == nil {
-				<-rc.more
+				if err == nil {
+					_, err = rc.br.Peek(1)
+				}
+				c.mu.Lock()
+				rc.idle = false
+				if err == nil && len(rc.pending) == 0 {
+					err = errProtocol // a reply to no command
+				}
+				c.mu.Unlock()
+				if err != nil {
+					if isTimeout(err) {
+						err = fmt.Errorf("no answer within %v: %w", redisCommandTimeout, err)
+					}
+					c.lost(rc, err)
+					return
+				}
 				continue
 			}
 		}
@@ -2500,11 +2524,7 @@ func (c *redisClient) lost(rc *redisConn, err error) {
 	waiting := rc.pending
 	rc.pending, rc.out, rc.closed = nil, nil, true
 	c.mu.Unlock()
-	rc.Close()
-	select {
-	case rc.more <- struct{}{}:
-	default:
-	}
+	rc.Close() // ends the reader's wait
 	for _, call := range waiting {
 		call.finish(c, nil, unavailable{err: err})
 	}
@@ -2556,7 +2576,7 @@ func (c *redisClient) keep(ctx context.Context, first net.Conn, connected func()
 			conn, err = c.opts.dial(ctx)
 		}
 		if err == nil {
-			rc := &redisConn{Conn: conn, br: bufio.NewReaderSize(conn, respMaxLine), more: make(chan struct{}, 1)}
+			rc := &redisConn{Conn: conn, br: bufio.NewReaderSize(conn, respMaxLine)}
 			c.mu.Lock()
 			c.conn, c.down = rc, nil
 			close(c.up)

@@ -7004,6 +7004,41 @@ func TestRedisIdleNodeFindsRedisBackByItself(t *testing.T) {
 	}
 }
 
+// TestRedisIdleCommandConnectionClosedByRedis: Redis closes a command
+// connection that sent nothing for its timeout (here 1 s; Pub/Sub ones it
+// keeps). An idle node notices at once and connects again by itself:
+// once its /healthz says 200, its next change is served, not answered 503
+// by the connection Redis closed.
+func TestRedisIdleCommandConnectionClosedByRedis(t *testing.T) {
+	rs := startRedis(t, "--timeout", "1")
+	a := startNode(t, rs.url())
+	a.prepare("")
+	commandConnections := func() []string {
+		var ids []string
+		for line := range strings.Lines(string(rs.do("CLIENT", "LIST").([]byte))) {
+			if strings.Contains(line, " flags=N ") && !strings.Contains(line, " cmd=client|list") {
+				id, _, _ := strings.Cut(line, " ")
+				ids = append(ids, id)
+			}
+		}
+		return ids
+	}
+	first := commandConnections()
+	if len(first) != 1 {
+		t.Fatalf("the node has %d command connections, want 1: %v", len(first), first)
+	}
+	waitFor(t, "Redis to close the idle command connection", func() bool {
+		return !slices.Contains(commandConnections(), first[0])
+	})
+	waitFor(t, "/healthz to say 200", func() bool {
+		status, _, _ := a.call("GET", "/healthz", "")
+		return status == 200
+	})
+	if status, _, body := a.call("POST", "/channel/prepare", ""); status != 200 {
+		t.Errorf("the first prepare after Redis closed the idle connection: %d %s", status, body)
+	}
+}
+
 // TestRedisJoinForgetsDeadNodes: nodes killed with -9 while no node had a
 // subscriber to refresh its presence with leave their entries in P:nodes;
 // the next join anywhere removes them, so the set does not grow with the
@@ -7139,7 +7174,7 @@ func TestRedisFlags(t *testing.T) {
 // Redis whole, none written over by another.
 func TestRedisCommandsAreNotMixedAfterABigOne(t *testing.T) {
 	ours, theirs := net.Pipe()
-	rc := &redisConn{Conn: ours, br: bufio.NewReader(ours), more: make(chan struct{}, 1)}
+	rc := &redisConn{Conn: ours, br: bufio.NewReader(ours)}
 	c := &redisClient{log: slog.New(slog.DiscardHandler), conn: rc, up: make(chan struct{})}
 	var sent bytes.Buffer
 	copied := make(chan error, 1)
