@@ -2264,6 +2264,7 @@ type redisClient struct {
 	up   chan struct{} // closed and replaced at each connection
 
 	failures logLimit // spaces the log lines of failed commands nobody waits for
+	refused  func()   // called when Redis refuses a command nobody waits for; set before use
 }
 
 type redisConn struct {
@@ -2298,6 +2299,9 @@ func (c *redisCall) finish(client *redisClient, reply any, err error) {
 	} else if err == nil {
 		if e, ok := reply.(respError); ok {
 			err = e
+			if client.refused != nil {
+				client.refused()
+			}
 		}
 	}
 	if c.done != nil || err == nil {
@@ -3002,6 +3006,7 @@ type redisEngine struct {
 	first      net.Conn // the connection made at start, for the keeper
 
 	mu         sync.Mutex
+	recount    atomic.Bool   // Redis refused a count: write them all again
 	eventsErr  error         // why the Pub/Sub connection is down; nil while up
 	subscribed chan struct{} // closed once Pub/Sub first works
 	connected  chan struct{} // closed once commands first work
@@ -3037,6 +3042,7 @@ func newRedisEngine(h *hub) (*redisEngine, error) {
 		subscribed: make(chan struct{}),
 		connected:  make(chan struct{}),
 	}
+	r.cmd.refused = func() { r.recount.Store(true) } // out of memory, say: counts may be stale
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 	conn, err := h.cfg.redis.dial(r.ctx)
 	var ae authError
@@ -3490,7 +3496,13 @@ func (r *redisEngine) countsLost() {
 	}
 	h.mu.RUnlock()
 	if _, err := r.retry(call, rewriteScript, args); err != nil {
-		r.h.log.Warn("writing this node's counts to redis failed", "err", err)
+		var re respError
+		if errors.As(err, &re) { // refused, not lost: a reconnect would not write them again
+			r.recount.Store(true)
+		}
+		if ok, suppressed := r.cmd.failures.allow(time.Now(), redisFailureLogEvery); ok {
+			r.h.log.Warn("writing this node's counts to redis failed", "err", err, "also_failed", suppressed)
+		}
 	}
 }
 
@@ -3507,7 +3519,12 @@ func (r *redisEngine) presence() {
 			return
 		case <-t.C:
 		}
-		if !r.forgetIdle() {
+		counting := r.forgetIdle()
+		if r.recount.Swap(false) { // Redis refused a count (out of memory, say)
+			r.countsLost()
+			continue
+		}
+		if !counting {
 			continue
 		}
 		if reply, err := r.eval(refreshScript, r.prefix, r.node, nodeTTL.Milliseconds()); err == nil && reply == int64(0) {

@@ -6629,6 +6629,28 @@ func TestRedisOutOfMemoryAnswers503JSON(t *testing.T) {
 	late.expectText("after")
 }
 
+// TestRedisCountRefusedByRedisIsWrittenAgain: a subscriber leaves while
+// Redis is out of memory, which refuses the node's new count; once Redis
+// has memory, the node writes its counts again by itself, within a
+// presence round or two, rather than leave the old count until the next
+// subscriber comes or goes.
+func TestRedisCountRefusedByRedisIsWrittenAgain(t *testing.T) {
+	rs := startRedis(t)
+	a, b := startNode(t, rs.url()), startNode(t, rs.url())
+	ch := a.prepare("")
+	leaving := b.dial(ch.SubscriberToken)
+	b.dial(ch.SubscriberToken)
+	rs.do("CONFIG", "SET", "maxmemory", "1")
+	leaving.send(true, websocket.CloseFrame, closePayload(closeNormal))
+	leaving.expectClose(closeNormal)
+	rs.do("CONFIG", "SET", "maxmemory", "0")
+	back := time.Now()
+	waitFor(t, "the count to be written again", func() bool { return a.listeners(ch.PublisherToken) == 1 })
+	if took := time.Since(back); took > 3*presenceInterval {
+		t.Errorf("listeners right %v after Redis had memory again, want within %v", took, 3*presenceInterval)
+	}
+}
+
 // A burst of announcements that a node reads from Redis at once reaches a
 // subscriber whole and in order, in a few writes rather than one per
 // message: the subscriber's writer sends what the burst queued together.
