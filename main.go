@@ -1987,6 +1987,12 @@ const (
 	// for a node to fill a gap after a short outage, even with -backlog 0.
 	streamMinLength = 100
 	streamMinTTL    = time.Minute
+	// joinReadBytes bounds the messages one join reads from the channel's
+	// stream (it reads one, however big): Redis runs nothing else while the
+	// join script reads, the node holds a copy for each subscriber, and an
+	// event stream may resume from id 0 again and again. The older ones
+	// wait for the next subscriber.
+	joinReadBytes = 1 << 20
 	// redisListPage is how many channels one call of the list script reads:
 	// each costs a lookup per live node, and Redis runs nothing else
 	// meanwhile.
@@ -2814,16 +2820,18 @@ return {pub, f[1], f[2]}`)
 	// ARGV: P, pub, node, this node's subscribers of the channel (the
 	// joining one included), node TTL (ms), 'new' or 'resume', the id to
 	// resume after, backlog, backlog TTL (ms), room in the subscriber's
-	// queue. It counts the subscriber before any later publish and hands it
-	// messages, newest first: new, those waiting (after handed, and the
-	// stretches of waiting); resume, those after its id, waiting or not. As
-	// on one node, what does not fit in its queue (the newest) and what a
-	// resume did not reach wait for the next subscriber: handed moves to
-	// last, and waiting keeps what no subscriber has had below it. A join
-	// that adds its node to P:nodes removes the nodes whose presence expired
-	// a TTL ago (killed with -9 while no node refreshed): only such joins
-	// add to P:nodes, so it holds no node dead for longer than the last one
-	// added. Returns {last id, entries}, or nil.
+	// queue, the most bytes of messages to read (joinReadBytes). It counts
+	// the subscriber before any later publish and hands it messages, newest
+	// first: new, those waiting (after handed, and the stretches of
+	// waiting); resume, those after its id, waiting or not. As on one node,
+	// what does not fit in its queue (the newest) and what a join did not
+	// reach (beyond the backlog or the bytes) wait for the next subscriber:
+	// handed moves to last, and waiting keeps what no subscriber has had
+	// below it. A join that adds its node to P:nodes removes the nodes
+	// whose presence expired a TTL ago (killed with -9 while no node
+	// refreshed): only such joins add to P:nodes, so it holds no node dead
+	// for longer than the last one added. Returns {last id, entries}, or
+	// nil.
 	joinScript = newScript(`
 local ch = P .. 'ch:' .. ARGV[2]
 if redis.call('EXISTS', ch) == 0 then return false end
@@ -2841,14 +2849,26 @@ if count > 0 then
   for id in string.gmatch(f[3] or '', '%S+') do waiting[#waiting + 1] = id end
   if handed ~= last and before(handed, last) then waiting[#waiting + 1], waiting[#waiting + 2] = handed, last end
 end
-local kept, oldest = {}, now - tonumber(ARGV[9])
-local function take(to, after) -- newest first, until count or an expired one
-  if #kept >= count then return false end
-  for _, e in ipairs(redis.call('XREVRANGE', P .. 'log:' .. ARGV[2], to, '(' .. after, 'COUNT', count - #kept)) do
-    if tonumber(string.match(e[1], '^%d+')) < oldest then return false end
-    kept[#kept + 1] = e
+local kept, oldest, budget, beyond = {}, now - tonumber(ARGV[9]), tonumber(ARGV[11]), nil
+local read, size = 0, 0 -- entries read, and their bytes
+local function take(to, after) -- newest first, until count, the budget or an expired one
+  while #kept < count do
+    local want = 1 -- then as many as the budget holds, at the size seen so far
+    if read > 0 then want = math.max(1, math.min(count - #kept, 16, math.floor(budget * read / math.max(size, 1)))) end
+    local page = redis.call('XREVRANGE', P .. 'log:' .. ARGV[2], to, '(' .. after, 'COUNT', want)
+    for _, e in ipairs(page) do -- e: {id, {'d', data, 'b', binary}}
+      if tonumber(string.match(e[1], '^%d+')) < oldest then return false end
+      read, size, budget = read + 1, size + #e[2][2], budget - #e[2][2]
+      if budget < 0 and #kept > 0 then
+        beyond = e[1] -- this one and those before it were not reached
+        return false
+      end
+      kept[#kept + 1] = e
+    end
+    if #page < want then return true end
+    to = '(' .. page[#page][1]
   end
-  return true
+  return false
 end
 local from = ARGV[7]
 if ARGV[6] == 'new' then
@@ -2859,6 +2879,7 @@ if ARGV[6] == 'new' then
 elseif count > 0 and before(from, last) then
   take('+', from)
 end
+if beyond then from = beyond end -- what the budget did not reach still waits
 local room, to = tonumber(ARGV[10]), last
 if #kept > room then
   local fits = {}
@@ -3257,7 +3278,7 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 	}
 	args := func() []any {
 		return []any{r.prefix, ch.publisherToken, r.node, len(ch.subscribers) + sh.joining, nodeTTL.Milliseconds(),
-			mode, from, r.backlog, r.backlogTTL.Milliseconds(), r.h.cfg.sendQueue} // s is new: its queue is empty
+			mode, from, r.backlog, r.backlogTTL.Milliseconds(), r.h.cfg.sendQueue, joinReadBytes} // s is new: its queue is empty
 	}
 	ch.mu.Lock()
 	sh.joining++

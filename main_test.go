@@ -6840,6 +6840,52 @@ func TestRedisIdleNodeFindsRedisBackByItself(t *testing.T) {
 // subscriber to refresh its presence with leave their entries in P:nodes;
 // the next join anywhere removes them, so the set does not grow with the
 // nodes that came and went.
+// A join reads at most joinReadBytes of kept messages from Redis (one,
+// however big): an event stream that resumes from an old id, again and
+// again, must not make Redis read the whole stream each time. What a join
+// did not reach waits for the next subscriber.
+func TestRedisJoinReadsAMebibyteAtMost(t *testing.T) {
+	rs := startRedis(t)
+	d := startNode(t, rs.url())
+	ch := d.prepare("")
+	big := func(i int) string { return fmt.Sprintf("m%d ", i) + strings.Repeat("x", 300<<10) }
+	short := func(s string) string { return s[:min(len(s), 8)] }
+	expect := func(c *wsClient, want string) {
+		t.Helper()
+		if op, p := c.next(); op != websocket.TextFrame || string(p) != want {
+			t.Fatalf("got frame %d %q (%d bytes), want %q", op, short(string(p)), len(p), short(want))
+		}
+	}
+	for i := range 6 {
+		if r := d.publish(ch.PublisherToken, big(i)); !r.Queued {
+			t.Fatalf("publish %d without a subscriber: %+v, want queued", i, r)
+		}
+	}
+	// The first subscriber gets the newest three, 900 KiB; the fourth
+	// would pass 1 MiB.
+	first := d.dial(ch.SubscriberToken)
+	for i := 3; i < 6; i++ {
+		expect(first, big(i))
+	}
+	d.publish(ch.PublisherToken, "live")
+	expect(first, "live")
+	// The three it did not reach waited for the next one.
+	second := d.dial(ch.SubscriberToken)
+	for i := range 3 {
+		expect(second, big(i))
+	}
+	d.publish(ch.PublisherToken, "live 2")
+	expect(first, "live 2")
+	expect(second, "live 2")
+	// A resume from before them all gets the newest that fit, not all eight.
+	resumed := d.sse(ch.SubscriberToken, "1")
+	for _, want := range []string{big(3), big(4), big(5), "live", "live 2"} {
+		if ev := resumed.message(); ev.data != want {
+			t.Fatalf("resumed from id 1: got %q (%d bytes), want %q", short(ev.data), len(ev.data), short(want))
+		}
+	}
+}
+
 func TestRedisJoinForgetsDeadNodes(t *testing.T) {
 	rs := startRedis(t)
 	a := startNode(t, rs.url())
