@@ -2971,6 +2971,10 @@ type redisEngine struct {
 	ctx        context.Context // ends at shutdown: every connection closes
 	cancel     context.CancelFunc
 	first      net.Conn // the connection made at start, for the keeper
+	// hookReads counts the reads of hook URLs in their order (edit
+	// announcements, resync), each before it is applied: find, which
+	// reads one outside that order, keeps it only when none came meanwhile.
+	hookReads atomic.Uint64
 
 	mu         sync.Mutex
 	eventsErr  error         // why the Pub/Sub connection is down; nil while up
@@ -3233,21 +3237,33 @@ func (r *redisEngine) health() error {
 // find looks the token up in Redis and returns this node's channel for it,
 // made now if this node had no subscriber of it.
 func (r *redisEngine) find(_ context.Context, token string) (*channel, error) {
-	reply, err := r.eval(findScript, r.prefix, token)
-	if err != nil {
-		return nil, err
-	}
-	f, ok := reply.([]any)
-	if reply == nil {
-		return nil, errNotFound
-	}
-	if !ok || len(f) != 3 {
-		return nil, fmt.Errorf("redis: unexpected channel %v", reply)
-	}
-	pub, hook, tag := replyString(f[0]), replyOptional(f[1]), replyOptional(f[2])
 	h := r.h
-	h.mu.Lock()
+	var f []any
+	for {
+		reads := r.hookReads.Load()
+		reply, err := r.eval(findScript, r.prefix, token)
+		if err != nil {
+			return nil, err
+		}
+		var ok bool
+		f, ok = reply.([]any)
+		if reply == nil {
+			return nil, errNotFound
+		}
+		if !ok || len(f) != 3 {
+			return nil, fmt.Errorf("redis: unexpected channel %v", reply)
+		}
+		h.mu.Lock()
+		// An edit announced since the script ran may be newer than the hook
+		// URL it read, and applied already (or lost, before the channel was
+		// here): read again. One announced later is applied after this.
+		if r.hookReads.Load() == reads {
+			break
+		}
+		h.mu.Unlock()
+	}
 	defer h.mu.Unlock()
+	pub, hook, tag := replyString(f[0]), replyOptional(f[1]), replyOptional(f[2])
 	ch := h.bySubscriber[token]
 	if ch == nil {
 		ch = newChannel(pub, token, hook, tag)
@@ -3728,6 +3744,9 @@ func (r *redisEngine) follow() (up bool, err error) {
 // hub.publish.
 func (r *redisEngine) announced(a []byte, later *[]*subscriber) error {
 	kind, rest, _ := bytes.Cut(a, []byte(" "))
+	if string(kind) == "e" {
+		r.hookReads.Add(1) // before the lookup: see find
+	}
 	pubBytes, rest, _ := bytes.Cut(rest, []byte(" "))
 	ch := r.h.byPublisherToken(string(pubBytes))
 	if ch == nil || ch.shared == nil {
@@ -3810,6 +3829,7 @@ func (r *redisEngine) resync() error {
 		call *redisCall
 	}
 	var checks []check
+	r.hookReads.Add(1) // see find
 	for _, ch := range r.h.all() {
 		if ch.shared != nil {
 			checks = append(checks, check{ch, r.cmd.send(false, "HMGET", r.prefix+"ch:"+ch.publisherToken, "sub", "hook", "last")})

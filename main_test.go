@@ -7391,3 +7391,59 @@ func TestRedisRestartedWithoutItsDataClosesTheChannels(t *testing.T) {
 		t.Errorf("show after Redis lost the channel: %d", status)
 	}
 }
+
+// TestRedisEditRacingJoinsHolds: a join reads the channel's hook URL from
+// Redis while an edit through another node changes it. The edit answered
+// 200 must hold on the joining node, however the join's read and the
+// edit's announcement cross: the node may not go back to the URL before
+// the edit.
+func TestRedisEditRacingJoinsHolds(t *testing.T) {
+	rs := startRedis(t)
+	a, c := startNode(t, rs.url()), startNode(t, rs.url())
+	hooks := []*hookServer{startHook(t, nil), startHook(t, nil)}
+	ch := c.prepare(`{"subscriber_message_hook_url": "` + hooks[0].url + `"}`)
+	sub := a.dial(ch.SubscriberToken) // A follows the channel throughout
+	client := &http.Client{Timeout: waitTimeout}
+	deadline := time.Now().Add(4 * time.Second)
+	for round := 1; round <= 40 && time.Now().Before(deadline); round++ {
+		// Event streams join on A while C edits the hook URL.
+		var joins sync.WaitGroup
+		for range 20 {
+			joins.Go(func() {
+				req, _ := http.NewRequest("GET", a.url+"/channel/subscribe/"+ch.SubscriberToken, nil)
+				req.Header.Set("Accept", "text/event-stream")
+				resp, err := client.Do(req)
+				if err != nil {
+					t.Errorf("join: %v", err)
+					return
+				}
+				resp.Body.Close()
+			})
+		}
+		want, old := hooks[round%2], hooks[(round+1)%2]
+		c.mustCall("PATCH", "/channel/edit/"+ch.PublisherToken, `{"subscriber_message_hook_url": "`+want.url+`"}`, 200, nil)
+		edited := time.Now()
+		joins.Wait()
+		// The edit reaches A within a second (TestRedisEveryRouteOnEveryNode),
+		// and holds there.
+		for i := 0; ; i++ {
+			frame := fmt.Sprint("round ", round, " frame ", i)
+			sub.send(true, websocket.TextFrame, []byte(frame))
+			var r hookRequest
+			select {
+			case r = <-want.requests:
+			case r = <-old.requests:
+				if time.Since(edited) > time.Second {
+					t.Fatalf("round %d: A posts to the hook URL before the edit %v after it: a join took it back", round, time.Since(edited).Round(time.Millisecond))
+				}
+				continue
+			case <-time.After(waitTimeout):
+				t.Fatal("the frame reached no hook")
+			}
+			if r.body != frame {
+				t.Fatalf("hook got %q, want %q", r.body, frame)
+			}
+			break
+		}
+	}
+}
