@@ -3239,7 +3239,7 @@ func (r *redisEngine) health() error {
 func (r *redisEngine) find(_ context.Context, token string) (*channel, error) {
 	h := r.h
 	var f []any
-	for {
+	for try := 1; ; try++ {
 		reads := r.hookReads.Load()
 		reply, err := r.eval(findScript, r.prefix, token)
 		if err != nil {
@@ -3257,7 +3257,9 @@ func (r *redisEngine) find(_ context.Context, token string) (*channel, error) {
 		// An edit announced since the script ran may be newer than the hook
 		// URL it read, and applied already (or lost, before the channel was
 		// here): read again. One announced later is applied after this.
-		if r.hookReads.Load() == reads {
+		// Edits of every channel count, so that under a storm of them a
+		// join still ends: after a few reads it keeps the last.
+		if r.hookReads.Load() == reads || try == 4 {
 			break
 		}
 		h.mu.Unlock()
