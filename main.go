@@ -1996,6 +1996,12 @@ const (
 	// for a node to fill a gap after a short outage, even with -backlog 0.
 	streamMinLength = 100
 	streamMinTTL    = time.Minute
+	// joinReadBytes bounds the messages one join reads from the channel's
+	// stream (it reads one, however big): Redis runs nothing else while the
+	// join script reads, the node holds a copy for each subscriber, and an
+	// event stream may resume from id 0 again and again. The older ones
+	// wait for the next subscriber.
+	joinReadBytes = 1 << 20
 	// redisListPage is how many channels one call of the list script reads:
 	// each costs a lookup per live node, and Redis runs nothing else
 	// meanwhile.
@@ -2868,16 +2874,18 @@ return {pub, f[1], f[2]}`)
 	// ARGV: P, pub, node, this node's subscribers of the channel (the
 	// joining one included), node TTL (ms), 'new' or 'resume', the id to
 	// resume after, backlog, backlog TTL (ms), room in the subscriber's
-	// queue. It counts the subscriber before any later publish and hands it
-	// messages, newest first: new, those waiting (after handed, and the
-	// stretches of waiting); resume, those after its id, waiting or not. As
-	// on one node, what does not fit in its queue (the newest) and what a
-	// resume did not reach wait for the next subscriber: handed moves to
-	// last, and waiting keeps what no subscriber has had below it. A join
-	// that adds its node to P:nodes removes the nodes whose presence expired
-	// a TTL ago (killed with -9 while no node refreshed): only such joins
-	// add to P:nodes, so it holds no node dead for longer than the last one
-	// added. Returns {last id, entries}, or nil.
+	// queue, the most bytes of messages to read (joinReadBytes). It counts
+	// the subscriber before any later publish and hands it messages, newest
+	// first: new, those waiting (after handed, and the stretches of
+	// waiting); resume, those after its id, waiting or not. As on one node,
+	// what does not fit in its queue (the newest) and what a join did not
+	// reach (beyond the backlog or the bytes) wait for the next subscriber:
+	// handed moves to last, and waiting keeps what no subscriber has had
+	// below it. A join that adds its node to P:nodes removes the nodes
+	// whose presence expired a TTL ago (killed with -9 while no node
+	// refreshed): only such joins add to P:nodes, so it holds no node dead
+	// for longer than the last one added. Returns {last id, entries}, or
+	// nil.
 	joinScript = newScript(`
 local ch = P .. 'ch:' .. ARGV[2]
 if redis.call('EXISTS', ch) == 0 then return false end
@@ -2895,14 +2903,26 @@ if count > 0 then
   for id in string.gmatch(f[3] or '', '%S+') do waiting[#waiting + 1] = id end
   if handed ~= last and before(handed, last) then waiting[#waiting + 1], waiting[#waiting + 2] = handed, last end
 end
-local kept, oldest = {}, now - tonumber(ARGV[9])
-local function take(to, after) -- newest first, until count or an expired one
-  if #kept >= count then return false end
-  for _, e in ipairs(redis.call('XREVRANGE', P .. 'log:' .. ARGV[2], to, '(' .. after, 'COUNT', count - #kept)) do
-    if tonumber(string.match(e[1], '^%d+')) < oldest then return false end
-    kept[#kept + 1] = e
+local kept, oldest, budget, beyond = {}, now - tonumber(ARGV[9]), tonumber(ARGV[11]), nil
+local read, size = 0, 0 -- entries read, and their bytes
+local function take(to, after) -- newest first, until count, the budget or an expired one
+  while #kept < count do
+    local want = 1 -- then as many as the budget holds, at the size seen so far
+    if read > 0 then want = math.max(1, math.min(count - #kept, 16, math.floor(budget * read / math.max(size, 1)))) end
+    local page = redis.call('XREVRANGE', P .. 'log:' .. ARGV[2], to, '(' .. after, 'COUNT', want)
+    for _, e in ipairs(page) do -- e: {id, {'d', data, 'b', binary}}
+      if tonumber(string.match(e[1], '^%d+')) < oldest then return false end
+      read, size, budget = read + 1, size + #e[2][2], budget - #e[2][2]
+      if budget < 0 and #kept > 0 then
+        beyond = e[1] -- this one and those before it were not reached
+        return false
+      end
+      kept[#kept + 1] = e
+    end
+    if #page < want then return true end
+    to = '(' .. page[#page][1]
   end
-  return true
+  return false
 end
 local from = ARGV[7]
 if ARGV[6] == 'new' then
@@ -2913,6 +2933,7 @@ if ARGV[6] == 'new' then
 elseif count > 0 and before(from, last) then
   take('+', from)
 end
+if beyond then from = beyond end -- what the budget did not reach still waits
 local room, to = tonumber(ARGV[10]), last
 if #kept > room then
   local fits = {}
@@ -3004,6 +3025,10 @@ type redisEngine struct {
 	ctx        context.Context // ends at shutdown: every connection closes
 	cancel     context.CancelFunc
 	first      net.Conn // the connection made at start, for the keeper
+	// hookReads counts the reads of hook URLs in their order (edit
+	// announcements, resync), each before it is applied: find, which
+	// reads one outside that order, keeps it only when none came meanwhile.
+	hookReads atomic.Uint64
 
 	mu         sync.Mutex
 	recount    atomic.Bool   // Redis refused a count: write them all again
@@ -3268,21 +3293,35 @@ func (r *redisEngine) health() error {
 // find looks the token up in Redis and returns this node's channel for it,
 // made now if this node had no subscriber of it.
 func (r *redisEngine) find(_ context.Context, token string) (*channel, error) {
-	reply, err := r.eval(findScript, r.prefix, token)
-	if err != nil {
-		return nil, err
-	}
-	f, ok := reply.([]any)
-	if reply == nil {
-		return nil, errNotFound
-	}
-	if !ok || len(f) != 3 {
-		return nil, fmt.Errorf("redis: unexpected channel %v", reply)
-	}
-	pub, hook, tag := replyString(f[0]), replyOptional(f[1]), replyOptional(f[2])
 	h := r.h
-	h.mu.Lock()
+	var f []any
+	for try := 1; ; try++ {
+		reads := r.hookReads.Load()
+		reply, err := r.eval(findScript, r.prefix, token)
+		if err != nil {
+			return nil, err
+		}
+		var ok bool
+		f, ok = reply.([]any)
+		if reply == nil {
+			return nil, errNotFound
+		}
+		if !ok || len(f) != 3 {
+			return nil, fmt.Errorf("redis: unexpected channel %v", reply)
+		}
+		h.mu.Lock()
+		// An edit announced since the script ran may be newer than the hook
+		// URL it read, and applied already (or lost, before the channel was
+		// here): read again. One announced later is applied after this.
+		// Edits of every channel count, so that under a storm of them a
+		// join still ends: after a few reads it keeps the last.
+		if r.hookReads.Load() == reads || try == 4 {
+			break
+		}
+		h.mu.Unlock()
+	}
 	defer h.mu.Unlock()
+	pub, hook, tag := replyString(f[0]), replyOptional(f[1]), replyOptional(f[2])
 	ch := h.bySubscriber[token]
 	if ch == nil {
 		ch = newChannel(pub, token, hook, tag)
@@ -3313,7 +3352,7 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 	}
 	args := func() []any {
 		return []any{r.prefix, ch.publisherToken, r.node, len(ch.subscribers) + sh.joining, nodeTTL.Milliseconds(),
-			mode, from, r.backlog, r.backlogTTL.Milliseconds(), r.h.cfg.sendQueue} // s is new: its queue is empty
+			mode, from, r.backlog, r.backlogTTL.Milliseconds(), r.h.cfg.sendQueue, joinReadBytes} // s is new: its queue is empty
 	}
 	ch.mu.Lock()
 	sh.joining++
@@ -3782,6 +3821,9 @@ func (r *redisEngine) follow() (up bool, err error) {
 // hub.publish.
 func (r *redisEngine) announced(a []byte, later *[]*subscriber) error {
 	kind, rest, _ := bytes.Cut(a, []byte(" "))
+	if string(kind) == "e" {
+		r.hookReads.Add(1) // before the lookup: see find
+	}
 	pubBytes, rest, _ := bytes.Cut(rest, []byte(" "))
 	ch := r.h.byPublisherToken(string(pubBytes))
 	if ch == nil || ch.shared == nil {
@@ -3864,6 +3906,7 @@ func (r *redisEngine) resync() error {
 		call *redisCall
 	}
 	var checks []check
+	r.hookReads.Add(1) // see find
 	for _, ch := range r.h.all() {
 		if ch.shared != nil {
 			checks = append(checks, check{ch, r.cmd.send(false, "HMGET", r.prefix+"ch:"+ch.publisherToken, "sub", "hook", "last")})

@@ -7065,6 +7065,52 @@ func TestRedisIdleCommandConnectionClosedByRedis(t *testing.T) {
 // subscriber to refresh its presence with leave their entries in P:nodes;
 // the next join anywhere removes them, so the set does not grow with the
 // nodes that came and went.
+// A join reads at most joinReadBytes of kept messages from Redis (one,
+// however big): an event stream that resumes from an old id, again and
+// again, must not make Redis read the whole stream each time. What a join
+// did not reach waits for the next subscriber.
+func TestRedisJoinReadsAMebibyteAtMost(t *testing.T) {
+	rs := startRedis(t)
+	d := startNode(t, rs.url())
+	ch := d.prepare("")
+	big := func(i int) string { return fmt.Sprintf("m%d ", i) + strings.Repeat("x", 300<<10) }
+	short := func(s string) string { return s[:min(len(s), 8)] }
+	expect := func(c *wsClient, want string) {
+		t.Helper()
+		if op, p := c.next(); op != websocket.TextFrame || string(p) != want {
+			t.Fatalf("got frame %d %q (%d bytes), want %q", op, short(string(p)), len(p), short(want))
+		}
+	}
+	for i := range 6 {
+		if r := d.publish(ch.PublisherToken, big(i)); !r.Queued {
+			t.Fatalf("publish %d without a subscriber: %+v, want queued", i, r)
+		}
+	}
+	// The first subscriber gets the newest three, 900 KiB; the fourth
+	// would pass 1 MiB.
+	first := d.dial(ch.SubscriberToken)
+	for i := 3; i < 6; i++ {
+		expect(first, big(i))
+	}
+	d.publish(ch.PublisherToken, "live")
+	expect(first, "live")
+	// The three it did not reach waited for the next one.
+	second := d.dial(ch.SubscriberToken)
+	for i := range 3 {
+		expect(second, big(i))
+	}
+	d.publish(ch.PublisherToken, "live 2")
+	expect(first, "live 2")
+	expect(second, "live 2")
+	// A resume from before them all gets the newest that fit, not all eight.
+	resumed := d.sse(ch.SubscriberToken, "1")
+	for _, want := range []string{big(3), big(4), big(5), "live", "live 2"} {
+		if ev := resumed.message(); ev.data != want {
+			t.Fatalf("resumed from id 1: got %q (%d bytes), want %q", short(ev.data), len(ev.data), short(want))
+		}
+	}
+}
+
 func TestRedisJoinForgetsDeadNodes(t *testing.T) {
 	rs := startRedis(t)
 	a := startNode(t, rs.url())
@@ -7568,5 +7614,61 @@ func TestRedisRestartedWithoutItsDataClosesTheChannels(t *testing.T) {
 	}
 	if status, _, _ := a.call("GET", "/channel/"+ch.PublisherToken, ""); status != 404 {
 		t.Errorf("show after Redis lost the channel: %d", status)
+	}
+}
+
+// TestRedisEditRacingJoinsHolds: a join reads the channel's hook URL from
+// Redis while an edit through another node changes it. The edit answered
+// 200 must hold on the joining node, however the join's read and the
+// edit's announcement cross: the node may not go back to the URL before
+// the edit.
+func TestRedisEditRacingJoinsHolds(t *testing.T) {
+	rs := startRedis(t)
+	a, c := startNode(t, rs.url()), startNode(t, rs.url())
+	hooks := []*hookServer{startHook(t, nil), startHook(t, nil)}
+	ch := c.prepare(`{"subscriber_message_hook_url": "` + hooks[0].url + `"}`)
+	sub := a.dial(ch.SubscriberToken) // A follows the channel throughout
+	client := &http.Client{Timeout: waitTimeout}
+	deadline := time.Now().Add(4 * time.Second)
+	for round := 1; round <= 40 && time.Now().Before(deadline); round++ {
+		// Event streams join on A while C edits the hook URL.
+		var joins sync.WaitGroup
+		for range 20 {
+			joins.Go(func() {
+				req, _ := http.NewRequest("GET", a.url+"/channel/subscribe/"+ch.SubscriberToken, nil)
+				req.Header.Set("Accept", "text/event-stream")
+				resp, err := client.Do(req)
+				if err != nil {
+					t.Errorf("join: %v", err)
+					return
+				}
+				resp.Body.Close()
+			})
+		}
+		want, old := hooks[round%2], hooks[(round+1)%2]
+		c.mustCall("PATCH", "/channel/edit/"+ch.PublisherToken, `{"subscriber_message_hook_url": "`+want.url+`"}`, 200, nil)
+		edited := time.Now()
+		joins.Wait()
+		// The edit reaches A within a second (TestRedisEveryRouteOnEveryNode),
+		// and holds there.
+		for i := 0; ; i++ {
+			frame := fmt.Sprint("round ", round, " frame ", i)
+			sub.send(true, websocket.TextFrame, []byte(frame))
+			var r hookRequest
+			select {
+			case r = <-want.requests:
+			case r = <-old.requests:
+				if time.Since(edited) > time.Second {
+					t.Fatalf("round %d: A posts to the hook URL before the edit %v after it: a join took it back", round, time.Since(edited).Round(time.Millisecond))
+				}
+				continue
+			case <-time.After(waitTimeout):
+				t.Fatal("the frame reached no hook")
+			}
+			if r.body != frame {
+				t.Fatalf("hook got %q, want %q", r.body, frame)
+			}
+			break
+		}
 	}
 }
