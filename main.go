@@ -1995,7 +1995,12 @@ const (
 	// streamMinLength and streamMinTTL keep a channel's stream long enough
 	// for a node to fill a gap after a short outage, even with -backlog 0.
 	streamMinLength = 100
-	streamMinTTL    = time.Minute
+	// streamAwayLength bounds a stream while a node with subscribers of
+	// its channel does not follow the announcements (it reconnects): the
+	// node fills a gap of up to this many messages from it once back, and
+	// Redis memory does not grow with every publish should it never be.
+	streamAwayLength = 10_000
+	streamMinTTL     = time.Minute
 	// joinReadBytes bounds the messages one join reads from the channel's
 	// stream (it reads one, however big): Redis runs nothing else while the
 	// join script reads, the node holds a copy for each subscriber, and an
@@ -2815,12 +2820,13 @@ if ARGV[5] == '1' then
 end
 return view(ARGV[2], now_ms())`)
 
-	// ARGV: P, pub, data, binary (0/1), stream length, stream TTL (ms).
-	// The message id is the stream id: above the last one, also after the
-	// stream expired or the clock went back; the sequence stays below 2^20
-	// so that ms<<20|seq is the SSE id. The stream is trimmed to its length
-	// only while every live node with subscribers of the channel follows
-	// the announcements (P:follow:ID has a subscriber): a node whose Pub/Sub
+	// ARGV: P, pub, data, binary (0/1), stream length, stream TTL (ms),
+	// stream length while a node is away. The message id is the stream id:
+	// above the last one, also after the stream expired or the clock went
+	// back; the sequence stays below 2^20 so that ms<<20|seq is the SSE id.
+	// The stream is trimmed to its length only while every live node with
+	// subscribers of the channel follows the announcements (P:follow:ID has
+	// a subscriber); else to streamAwayLength, so that a node whose Pub/Sub
 	// connection is down fills its whole gap from the stream once back.
 	// Returns the subscribers on live nodes: with none, the message waits
 	// (handed stays where it was).
@@ -2843,7 +2849,7 @@ end
 if trim then
   redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], id, 'd', ARGV[3], 'b', ARGV[4])
 else
-  redis.call('XADD', log, id, 'd', ARGV[3], 'b', ARGV[4])
+  redis.call('XADD', log, 'MAXLEN', '~', ARGV[7], id, 'd', ARGV[3], 'b', ARGV[4])
 end
 redis.call('PEXPIRE', log, ARGV[6])
 if n > 0 then redis.call('HSET', ch, 'last', id, 'handed', id) else redis.call('HSET', ch, 'last', id) end
@@ -3252,7 +3258,7 @@ func (r *redisEngine) edit(_ context.Context, token string, opts channelOptions)
 func (r *redisEngine) publish(_ context.Context, token string, m *message) (int, bool, error) {
 	length := max(r.backlog, streamMinLength)
 	ttl := max(r.backlogTTL, streamMinTTL)
-	reply, err := r.eval(publishScript, r.prefix, token, m.data, bit(m.binary), length, ttl.Milliseconds())
+	reply, err := r.eval(publishScript, r.prefix, token, m.data, bit(m.binary), length, ttl.Milliseconds(), streamAwayLength)
 	if err != nil {
 		return 0, false, err
 	}

@@ -6540,7 +6540,7 @@ func TestRedisGapLongerThanTheStreamIsFilled(t *testing.T) {
 	const n = 3 * streamMinLength
 	burst := appendCommand(nil, "CLIENT", "KILL", "TYPE", "pubsub")
 	for i := range n {
-		burst = appendCommand(burst, "EVALSHA", publishScript.sha, 0, "gockets:", ch.PublisherToken, fmt.Sprint(i), "0", streamMinLength, 60000)
+		burst = appendCommand(burst, "EVALSHA", publishScript.sha, 0, "gockets:", ch.PublisherToken, fmt.Sprint(i), "0", streamMinLength, 60000, streamAwayLength)
 	}
 	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", rs.port), time.Second)
 	if err != nil {
@@ -6666,7 +6666,7 @@ func TestRedisBurstOfAnnouncementsGoesOutInFewWrites(t *testing.T) {
 	const n = 50
 	var burst []byte
 	for i := range n {
-		burst = appendCommand(burst, "EVALSHA", publishScript.sha, 0, "gockets:", ch.PublisherToken, fmt.Sprint(i), "0", 100, 60000)
+		burst = appendCommand(burst, "EVALSHA", publishScript.sha, 0, "gockets:", ch.PublisherToken, fmt.Sprint(i), "0", 100, 60000, streamAwayLength)
 	}
 	writes := func() int {
 		counts, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", p.cmd.Process.Pid))
@@ -6757,7 +6757,7 @@ func TestRedisJoinWhileAnnouncementsAreOnTheirWay(t *testing.T) {
 		}
 		held = append(held, line)
 	}
-	reply := rs.do(append([]any{"EVAL", strings.Join(held, ""), 0}, "gockets:", ch.PublisherToken, "on its way", "0", 100, 60000)...)
+	reply := rs.do(append([]any{"EVAL", strings.Join(held, ""), 0}, "gockets:", ch.PublisherToken, "on its way", "0", 100, 60000, streamAwayLength)...)
 	announcement, ok := reply.([]byte)
 	if !ok || !strings.HasPrefix(string(announcement), "p "+ch.PublisherToken+" ") {
 		t.Fatalf("held announcement: %q", reply)
@@ -6913,6 +6913,41 @@ func TestRedisMemoryStaysBounded(t *testing.T) {
 		}
 		return true
 	})
+}
+
+// While a node with subscribers of a channel does not follow the
+// announcements, the channel's stream keeps what it misses, but no more
+// than streamAwayLength: a node that never comes back (its presence alive,
+// its Pub/Sub connection not) must not make Redis grow with every publish.
+func TestRedisStreamWhileANodeIsAwayIsBounded(t *testing.T) {
+	rs := startRedis(t)
+	d := startNode(t, rs.url())
+	ch := d.prepare("")
+	// A node that counts a subscriber of the channel and follows nothing.
+	rs.do("ZADD", "gockets:nodes", time.Now().Add(time.Hour).UnixMilli(), "away")
+	rs.do("HSET", "gockets:node:away", ch.PublisherToken, 1)
+	const n = streamAwayLength + 2000
+	var burst []byte
+	for i := range n {
+		burst = appendCommand(burst, "EVALSHA", publishScript.sha, 0, "gockets:", ch.PublisherToken, fmt.Sprint(i), "0", streamMinLength, 60000, streamAwayLength)
+	}
+	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", rs.port), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(waitTimeout))
+	go conn.Write(burst) // Redis answers as it reads: read meanwhile
+	br := bufio.NewReader(conn)
+	for i := range n {
+		if reply, err := readReply(br); err != nil || reply != int64(1) {
+			t.Fatalf("publish %d through redis answered %v, %v; want 1 subscriber", i, reply, err)
+		}
+	}
+	// MAXLEN ~ trims whole nodes of the stream (100 entries each).
+	if got := rs.do("XLEN", "gockets:log:"+ch.PublisherToken).(int64); got <= 2*streamMinLength || got > streamAwayLength+200 {
+		t.Errorf("stream holds %d messages after %d publishes while a node was away, want %d (more than %d)", got, n, streamAwayLength, 2*streamMinLength)
+	}
 }
 
 // takenPort is a port of 127.0.0.1 that a listener of the test holds.
