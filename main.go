@@ -1995,12 +1995,12 @@ const (
 	// streamMinLength and streamMinTTL keep a channel's stream long enough
 	// for a node to fill a gap after a short outage, even with -backlog 0.
 	streamMinLength = 100
+	streamMinTTL    = time.Minute
 	// streamAwayLength bounds a stream while a node with subscribers of
 	// its channel does not follow the announcements (it reconnects): the
 	// node fills a gap of up to this many messages from it once back, and
 	// Redis memory does not grow with every publish should it never be.
 	streamAwayLength = 10_000
-	streamMinTTL     = time.Minute
 	// joinReadBytes bounds the messages one join reads from the channel's
 	// stream (it reads one, however big): Redis runs nothing else while the
 	// join script reads, the node holds a copy for each subscriber, and an
