@@ -2001,6 +2001,9 @@ const (
 	// node fills a gap of up to this many messages from it once back, and
 	// Redis memory does not grow with every publish should it never be.
 	streamAwayLength = 10_000
+	// catchUpPage is how many messages a node reads from a stream at once
+	// to fill a gap.
+	catchUpPage = 100
 	// joinReadBytes bounds the messages one join reads from the channel's
 	// stream (it reads one, however big): Redis runs nothing else while the
 	// join script reads, the node holds a copy for each subscriber, and an
@@ -3638,7 +3641,16 @@ func entryMessage(v any) *message {
 // between reads the messages of a channel's stream after id from, up to
 // id to.
 func (r *redisEngine) between(pub string, from, to uint64) ([]*message, error) {
-	reply, err := r.cmd.do("XRANGE", r.prefix+"log:"+pub, "("+streamID(from), streamID(to))
+	return r.betweenAtMost(pub, from, to, -1)
+}
+
+// betweenAtMost is between, for the first count messages (all for -1).
+func (r *redisEngine) betweenAtMost(pub string, from, to uint64, count int) ([]*message, error) {
+	args := []any{"XRANGE", r.prefix + "log:" + pub, "(" + streamID(from), streamID(to)}
+	if count >= 0 {
+		args = append(args, "COUNT", count)
+	}
+	reply, err := r.cmd.do(args...)
 	if err != nil {
 		return nil, err
 	}
@@ -3653,28 +3665,32 @@ func (r *redisEngine) between(pub string, from, to uint64) ([]*message, error) {
 }
 
 // catchUp hands this node's subscribers of ch the messages up to id target
-// that it has not handed them yet, from the stream. What the stream no
-// longer holds is counted as dropped.
+// that it has not handed them yet, from the stream, catchUpPage at a time:
+// a gap may be as long as streamAwayLength, and one read of it all would
+// hold Redis and this node's memory. What the stream no longer holds is
+// skipped.
 func (r *redisEngine) catchUp(ch *channel, target uint64) error {
 	sh := ch.shared
 	sh.mu.Lock()
 	from := sh.cursor
 	sh.mu.Unlock()
-	if from >= target {
-		return nil
-	}
-	msgs, err := r.between(ch.publisherToken, from, target)
-	if err != nil {
-		return fmt.Errorf("fill a gap in the channel's messages: %w", err)
-	}
-	sh.mu.Lock()
-	defer sh.mu.Unlock()
-	for _, m := range msgs {
-		if m.id > sh.cursor {
-			r.deliverLocked(ch, m, nil)
+	for from < target {
+		msgs, err := r.betweenAtMost(ch.publisherToken, from, target, catchUpPage)
+		if err != nil {
+			return fmt.Errorf("fill a gap in the channel's messages: %w", err)
 		}
+		sh.mu.Lock()
+		for _, m := range msgs {
+			if m.id > sh.cursor {
+				r.deliverLocked(ch, m, nil)
+			}
+		}
+		if len(msgs) < catchUpPage {
+			sh.cursor = max(sh.cursor, target)
+		}
+		from = sh.cursor
+		sh.mu.Unlock()
 	}
-	sh.cursor = max(sh.cursor, target)
 	return nil
 }
 
