@@ -1079,10 +1079,10 @@ func (ch *channel) expire(now time.Time, ttl time.Duration, st *stats) {
 // join adds a subscriber and hands it what waited in the backlog: what no
 // subscriber has had yet, or, for an SSE client that resumes, everything
 // after the last id it saw. It fails when the channel is gone
-// (errNotFound) or we shut down (errShuttingDown). closing is read under ch.mu, which closeAll takes after setting it,
-// so a subscriber either sees it or is seen by closeAll. The connect
-// presence event is queued here, under ch.mu, so that it comes before any
-// disconnect.
+// (errNotFound) or we shut down (errShuttingDown). closing is read under
+// ch.mu, which closeAll takes after setting it, so a subscriber either
+// sees it or is seen by closeAll. The connect presence event is queued
+// here, under ch.mu, so that it comes before any disconnect.
 func (h *hub) join(ch *channel, s *subscriber, resume bool, lastID uint64) error {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
