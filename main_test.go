@@ -2987,6 +2987,7 @@ func TestDiskFullWhenSavingState(t *testing.T) {
 type fullDisk struct {
 	full     atomic.Bool
 	attempts atomic.Int64
+	tried    chan time.Time // when set, each attempt on the full disk, if there is room
 }
 
 func (d *fullDisk) writeSynced(f *os.File, data []byte) error {
@@ -2994,6 +2995,10 @@ func (d *fullDisk) writeSynced(f *os.File, data []byte) error {
 		return writeSynced(f, data)
 	}
 	d.attempts.Add(1)
+	select {
+	case d.tried <- time.Now():
+	default:
+	}
 	f.Write(data[:len(data)/2]) // what a full disk leaves behind
 	return fmt.Errorf("write %s: %w", f.Name(), syscall.ENOSPC)
 }
@@ -3029,6 +3034,31 @@ func TestFullDiskIsRetriedByOneWriterAndLoggedOnce(t *testing.T) {
 	if channels, err := savedChannels(state); err != nil || len(channels) != 10 {
 		t.Errorf("after the disk recovered, the state holds %d channels (%v), want 10", len(channels), err)
 	}
+}
+
+// The README: on a full disk one writer tries again after 1 s, then
+// waits twice as long each time (up to 30 s, TestDefaultsAreTheREADMEs).
+func TestFullDiskIsRetriedAfter1sThen2s(t *testing.T) {
+	disk := &fullDisk{tried: make(chan time.Time, 8)}
+	state := filepath.Join(t.TempDir(), "state.json")
+	d := startDaemonWith(t, func(c *config) { c.writeSynced = disk.writeSynced }, "-state-file", state)
+	disk.full.Store(true)
+	d.mustCall("POST", "/channel/prepare", "", 503, nil)
+	var at []time.Time
+	for len(at) < 3 {
+		select {
+		case when := <-disk.tried:
+			at = append(at, when)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("attempts to save on a full disk: %d, want 3 within 5 s of each other", len(at))
+		}
+	}
+	for i, want := range []time.Duration{time.Second, 2 * time.Second} {
+		if got := at[i+1].Sub(at[i]); got < want || got > want+300*time.Millisecond {
+			t.Errorf("pause %d before trying again: %v, want %v", i+1, got.Round(time.Millisecond), want)
+		}
+	}
+	disk.full.Store(false)
 }
 
 func TestRestartOnAFullDiskServesWhatItRead(t *testing.T) {
