@@ -6604,9 +6604,8 @@ func TestRedisGapLongerThanTheStreamIsFilled(t *testing.T) {
 // TestRedisOutOfMemoryAnswers503JSON: a Redis at its maxmemory (with
 // noeviction, Redis's default) refuses every write that takes memory: each
 // change but delete and each subscribe, WebSocket or SSE, answers 503 JSON
-// with Redis's reason, at
-// once; reads go on, the subscribers already connected stay, and
-// everything works again once Redis has memory.
+// with Redis's reason, at once; reads go on, the subscribers already
+// connected stay, and everything works again once Redis has memory.
 func TestRedisOutOfMemoryAnswers503JSON(t *testing.T) {
 	rs := startRedis(t)
 	a, b := startNode(t, rs.url()), startNode(t, rs.url())
