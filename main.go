@@ -3451,7 +3451,7 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 		default: // this node handed out more since: the newcomer gets them too
 			to := sh.cursor
 			sh.mu.Unlock()
-			more, err := r.between(ch.publisherToken, last, to)
+			more, err := r.between(ch.publisherToken, last, to, -1)
 			if err != nil {
 				s.log().Warn("reading the channel's stream failed", "err", err)
 				r.giveBack(ch, s, backlog)
@@ -3639,13 +3639,8 @@ func entryMessage(v any) *message {
 }
 
 // between reads the messages of a channel's stream after id from, up to
-// id to.
-func (r *redisEngine) between(pub string, from, to uint64) ([]*message, error) {
-	return r.betweenAtMost(pub, from, to, -1)
-}
-
-// betweenAtMost is between, for the first count messages (all for -1).
-func (r *redisEngine) betweenAtMost(pub string, from, to uint64, count int) ([]*message, error) {
+// id to: the first count of them, or all for -1.
+func (r *redisEngine) between(pub string, from, to uint64, count int) ([]*message, error) {
 	args := []any{"XRANGE", r.prefix + "log:" + pub, "(" + streamID(from), streamID(to)}
 	if count >= 0 {
 		args = append(args, "COUNT", count)
@@ -3675,7 +3670,7 @@ func (r *redisEngine) catchUp(ch *channel, target uint64) error {
 	from := sh.cursor
 	sh.mu.Unlock()
 	for from < target {
-		msgs, err := r.betweenAtMost(ch.publisherToken, from, target, catchUpPage)
+		msgs, err := r.between(ch.publisherToken, from, target, catchUpPage)
 		if err != nil {
 			return fmt.Errorf("fill a gap in the channel's messages: %w", err)
 		}
