@@ -5471,22 +5471,26 @@ func readBodyAfter(w http.ResponseWriter, r *http.Request, limit int64, headroom
 	return buf.Bytes(), true
 }
 
-func notFound(w http.ResponseWriter, what string) {
-	reply(w, http.StatusNotFound, "ERR", what+" token not found")
-}
-
 // failed answers an engine's error, if any: 404 for an unknown token, 503
 // for a change that could not be saved or could not reach Redis.
 func failed(w http.ResponseWriter, err error, what string) bool {
-	switch {
-	case err == nil:
+	if err == nil {
 		return false
-	case errors.Is(err, errNotFound):
-		notFound(w, what)
-	default:
-		reply(w, http.StatusServiceUnavailable, "ERR", err.Error())
 	}
+	status, msg := answerTo(err, what)
+	reply(w, status, "ERR", msg)
 	return true
+}
+
+// answerTo is the status and message that answer an engine's error. An
+// error of a Redis script ends with the script's SHA and line: for the
+// log, not for the client.
+func answerTo(err error, what string) (int, string) {
+	if errors.Is(err, errNotFound) {
+		return http.StatusNotFound, what + " token not found"
+	}
+	msg, _, _ := strings.Cut(err.Error(), " script: ")
+	return http.StatusServiceUnavailable, msg
 }
 
 func (h *hub) handlePrepare(w http.ResponseWriter, r *http.Request) {
@@ -5749,10 +5753,7 @@ func (u *upgrade) handshake(cfg *websocket.Config, req *http.Request) error {
 // (failed), on the connection x/net has taken, and drops the bare 403 that
 // x/net writes after it.
 func (u *upgrade) refuse(err error) {
-	status, msg := http.StatusServiceUnavailable, err.Error()
-	if errors.Is(err, errNotFound) {
-		status, msg = http.StatusNotFound, "subscriber token not found"
-	}
+	status, msg := answerTo(err, "subscriber")
 	body, _ := json.Marshal(replyBody{"ERR", msg})
 	head := fmt.Sprintf("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n",
 		status, http.StatusText(status), len(body)+1)
