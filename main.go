@@ -1953,6 +1953,8 @@ func (h *hub) snapshot() snapshot {
 //	P:follow:ID   Pub/Sub channel that nothing is published to: a node
 //	              subscribes to it once it has caught up after connecting,
 //	              so a publish knows which nodes follow the announcements
+//	P:join:ID:N   the ids a join took from a backlog, for a minute: its
+//	              receipt, should the node not get the join's answer
 //
 // One Lua script per change makes it atomic: a publish checks the channel,
 // appends to its stream and announces it with the previous id in one step,
@@ -2010,6 +2012,9 @@ const (
 	// event stream may resume from id 0 again and again. The older ones
 	// wait for the next subscriber.
 	joinReadBytes = 1 << 20
+	// joinReceiptTTL is how long Redis keeps what a join took, for the
+	// node to give it back should the join's answer be lost.
+	joinReceiptTTL = time.Minute
 	// redisListPage is how many channels one call of the list script reads:
 	// each costs a lookup per live node, and Redis runs nothing else
 	// meanwhile.
@@ -2883,7 +2888,8 @@ return {pub, f[1], f[2]}`)
 	// ARGV: P, pub, node, this node's subscribers of the channel (the
 	// joining one included), node TTL (ms), 'new' or 'resume', the id to
 	// resume after, backlog, backlog TTL (ms), room in the subscriber's
-	// queue, the most bytes of messages to read (joinReadBytes). It counts
+	// queue, the most bytes of messages to read (joinReadBytes), the name
+	// and lifetime (ms) of its receipt. It counts
 	// the subscriber before any later publish and hands it messages, newest
 	// first: new, those waiting (after handed, and the stretches of
 	// waiting); resume, those after its id, waiting or not. As on one node,
@@ -2893,8 +2899,10 @@ return {pub, f[1], f[2]}`)
 	// below it. A join that adds its node to P:nodes removes the nodes
 	// whose presence expired a TTL ago (killed with -9 while no node
 	// refreshed): only such joins add to P:nodes, so it holds no node dead
-	// for longer than the last one added. Returns {last id, entries}, or
-	// nil.
+	// for longer than the last one added. The ids of what it took, oldest
+	// first, are its receipt (P:join:NAME): should its answer be lost,
+	// the node gives them back (settleJoins). Returns {last id, entries},
+	// or nil.
 	joinScript = newScript(`
 local ch = P .. 'ch:' .. ARGV[2]
 if redis.call('EXISTS', ch) == 0 then return false end
@@ -2968,6 +2976,11 @@ local rest = table.concat(left, ' ', skip + 1)
 if rest ~= (f[3] or '') then -- most joins find nothing waiting, and write nothing here
   if rest == '' then redis.call('HDEL', ch, 'waiting') else redis.call('HSET', ch, 'waiting', rest) end
 end
+if #kept > 0 then -- the receipt, should the answer not reach the node
+  local ids = {}
+  for i = #kept, 1, -1 do ids[#ids + 1] = kept[i][1] end
+  redis.call('SET', P .. 'join:' .. ARGV[12], table.concat(ids, ' '), 'PX', ARGV[13])
+end
 return {last, kept}`)
 
 	// ARGV: P, pub, then the ids a join took, oldest first, which its
@@ -3038,12 +3051,14 @@ type redisEngine struct {
 	// announcements, resync), each before it is applied: find, which
 	// reads one outside that order, keeps it only when none came meanwhile.
 	hookReads atomic.Uint64
+	joins     atomic.Uint64 // names the receipts of joins
 
 	mu         sync.Mutex
-	recount    atomic.Bool   // Redis refused a count: write them all again
-	eventsErr  error         // why the Pub/Sub connection is down; nil while up
-	subscribed chan struct{} // closed once Pub/Sub first works
-	connected  chan struct{} // closed once commands first work
+	recount    atomic.Bool     // Redis refused a count: write them all again
+	unsettled  []unsettledJoin // joins whose answers were lost; under mu
+	eventsErr  error           // why the Pub/Sub connection is down; nil while up
+	subscribed chan struct{}   // closed once Pub/Sub first works
+	connected  chan struct{}   // closed once commands first work
 	once       [2]sync.Once
 }
 
@@ -3359,9 +3374,11 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 	if resume {
 		mode, from = "resume", streamID(lastID)
 	}
+	receipt := r.node + ":" + strconv.FormatUint(r.joins.Add(1), 10)
 	args := func() []any {
 		return []any{r.prefix, ch.publisherToken, r.node, len(ch.subscribers) + sh.joining, nodeTTL.Milliseconds(),
-			mode, from, r.backlog, r.backlogTTL.Milliseconds(), r.h.cfg.sendQueue, joinReadBytes} // s is new: its queue is empty
+			mode, from, r.backlog, r.backlogTTL.Milliseconds(), r.h.cfg.sendQueue, joinReadBytes, // s is new: its queue is empty
+			receipt, joinReceiptTTL.Milliseconds()}
 	}
 	ch.mu.Lock()
 	sh.joining++
@@ -3386,6 +3403,11 @@ func (r *redisEngine) join(ch *channel, s *subscriber, resume bool, lastID uint6
 	switch {
 	case err != nil:
 		s.log().Warn("join through redis failed", "err", err)
+		if u := (unavailable{}); errors.As(err, &u) && !u.unsent { // Redis may have run it
+			r.mu.Lock()
+			r.unsettled = append(r.unsettled, unsettledJoin{ch.publisherToken, receipt, time.Now()})
+			r.mu.Unlock()
+		}
 		return err
 	case reply == nil: // deleted since find
 		return errNotFound
@@ -3567,6 +3589,7 @@ func (r *redisEngine) presence() {
 			return
 		case <-t.C:
 		}
+		r.settleJoins()
 		counting := r.forgetIdle()
 		if r.recount.Swap(false) { // Redis refused a count (out of memory, say)
 			r.countsLost()
@@ -3579,6 +3602,56 @@ func (r *redisEngine) presence() {
 			r.countsLost()
 		}
 	}
+}
+
+// unsettledJoin is a join whose answer was lost after it was sent: Redis
+// may have run it, and what it took waits for no subscriber.
+type unsettledJoin struct {
+	pub, receipt string
+	at           time.Time
+}
+
+// settleJoins gives back, for the next subscriber, what the joins whose
+// answers were lost took from the backlog, as their receipts say; a join
+// without a receipt took nothing or did not run. What Redis cannot be
+// asked now is tried again at the next presence round, while the receipt
+// lives.
+func (r *redisEngine) settleJoins() {
+	r.mu.Lock()
+	todo := r.unsettled
+	r.unsettled = nil
+	r.mu.Unlock()
+	var left []unsettledJoin
+	for _, j := range todo {
+		if time.Since(j.at) > joinReceiptTTL {
+			r.h.log.Warn("a lost join's receipt expired before it could be read: what it took from the backlog is dropped", "receipt", j.receipt)
+			continue
+		}
+		if err := r.settle(j); err != nil {
+			left = append(left, j)
+		}
+	}
+	r.mu.Lock()
+	r.unsettled = append(r.unsettled, left...)
+	r.mu.Unlock()
+}
+
+func (r *redisEngine) settle(j unsettledJoin) error {
+	key := r.prefix + "join:" + j.receipt
+	reply, err := r.cmd.do("GET", key)
+	if err != nil || reply == nil {
+		return err
+	}
+	args := []any{r.prefix, j.pub}
+	for id := range strings.FieldsSeq(replyString(reply)) {
+		args = append(args, id)
+	}
+	if _, err := r.eval(unjoinScript, args...); err != nil {
+		return err
+	}
+	r.h.log.Info("gave back what a lost join took from the backlog", "messages", len(args)-2)
+	r.cmd.send(true, "DEL", key)
+	return nil
 }
 
 // forgetIdle drops this node's copy of the channels that have had no

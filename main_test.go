@@ -6979,6 +6979,79 @@ func TestRedisStreamWhileANodeIsAwayIsBounded(t *testing.T) {
 	}
 }
 
+// A join whose answer is lost (the connection to Redis breaks after Redis
+// read it) may have taken what waited in the backlog: the node reads the
+// join's receipt once Redis answers again and gives it back, so the next
+// subscriber gets it rather than nobody.
+func TestRedisJoinWhoseAnswerIsLostGivesTheBacklogBack(t *testing.T) {
+	rs := startRedis(t)
+	// Between the node and Redis: a proxy that, once armed, passes on the
+	// next join and then cuts both ends, before Redis can answer.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var armed atomic.Bool
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", rs.port))
+			if err != nil {
+				c.Close()
+				continue
+			}
+			t.Cleanup(func() { c.Close(); up.Close() })
+			go io.Copy(c, up)
+			go func() {
+				buf := make([]byte, 64<<10)
+				for {
+					n, err := c.Read(buf)
+					if err != nil {
+						up.Close()
+						return
+					}
+					if _, err := up.Write(buf[:n]); err != nil {
+						c.Close()
+						return
+					}
+					if bytes.Contains(buf[:n], []byte(joinScript.sha)) && armed.CompareAndSwap(true, false) {
+						up.Close()
+						c.Close()
+						return
+					}
+				}
+			}()
+		}
+	}()
+	d := startNode(t, "redis://"+ln.Addr().String()+"/0")
+	ch := d.prepare("")
+	for i := range 3 {
+		if r := d.publish(ch.PublisherToken, fmt.Sprint("kept ", i)); !r.Queued {
+			t.Fatalf("publish without a subscriber: %+v, want queued", r)
+		}
+	}
+	armed.Store(true)
+	req, _ := http.NewRequest("GET", d.url+"/channel/subscribe/"+ch.SubscriberToken, nil)
+	req.Header.Set("Accept", "text/event-stream")
+	resp, err := (&http.Client{Timeout: waitTimeout}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 503 || armed.Load() {
+		t.Fatalf("subscribe whose join lost its answer: %s (cut: %v), want 503", resp.Status, !armed.Load())
+	}
+	waitFor(t, "the node to settle the lost join", func() bool { return len(rs.keys("gockets:join:*")) == 0 })
+	sub := d.dial(ch.SubscriberToken)
+	for i := range 3 {
+		sub.expectText(fmt.Sprint("kept ", i))
+	}
+}
+
 // takenPort is a port of 127.0.0.1 that a listener of the test holds.
 func takenPort(t *testing.T) string {
 	t.Helper()
