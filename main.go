@@ -3622,13 +3622,16 @@ func (r *redisEngine) settleJoins() {
 	r.unsettled = nil
 	r.mu.Unlock()
 	var left []unsettledJoin
-	for _, j := range todo {
+	for i, j := range todo {
 		if time.Since(j.at) > joinReceiptTTL {
 			r.h.log.Warn("a lost join's receipt expired before it could be read: what it took from the backlog is dropped", "receipt", j.receipt)
 			continue
 		}
 		if err := r.settle(j); err != nil {
-			left = append(left, j)
+			// The rest wait too: a Redis that does not answer would hold
+			// this presence round redisCommandTimeout for each.
+			left = append(left, todo[i:]...)
+			break
 		}
 	}
 	r.mu.Lock()
